@@ -1,0 +1,358 @@
+"""Configuration: nested dataclasses, named presets, YAML files and `key=value` overrides.
+
+    cfg = load_config("mnist5k", ["seed=1", "train.steps=200"])
+
+A preset is a dict of overrides applied to the defaults below; a YAML file is the same dict, optionally
+naming the preset it starts from (`preset: digits`). Unknown keys and values of the wrong type are
+`UserError`s that name the key and list what is allowed.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from .utils import UserError
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class DataConfig:
+    name: str = "mnist5k"  # mnist5k | digits | imagefolder | cifar10 | mnist_idx | latents
+    root: str = ""  # directory of a user data set (imagefolder, cifar10, mnist_idx, latents)
+    image_size: int = 0  # 0: the data set's own size; for imagefolder the crop size
+    on_bad_image: str = "skip"  # skip | error
+
+
+@dataclass
+class SplitConfig:
+    labels_per_class: int = 1  # k labelled images per class (used when fraction == 0)
+    fraction: float = 0.0  # if > 0: this fraction of the training set is labelled, stratified
+    seed: int = 0
+    subset_file: str = ""  # a DPT/MSN-style list of labelled file names, overrides the above
+
+
+@dataclass
+class Stage1Config:
+    method: str = "simclr_umap"  # simclr_umap | pca_logreg
+    ssl_epochs: int = 30  # SimCLR epochs over the training images
+    ssl_batch_size: int = 256
+    ssl_lr: float = 1e-3
+    ssl_temperature: float = 0.2
+    feature_dim: int = 128
+    width: int = 32  # encoder CNN base width
+    umap_dim: int = 10
+    umap_neighbors: int = 15
+    knn_transform: int = 10  # neighbours used to embed unseen images into the UMAP space
+    logreg_c: float = 1.0  # inverse L2 strength of the multinomial logistic regression
+    pca_dim: int = 50  # pca_logreg only
+
+
+@dataclass
+class ModelConfig:
+    """U-ViT hyper-parameters, named as the official constructor's keywords."""
+
+    preset: str = "uvit_mnist"  # a key of dpt_fast.models.uvit presets; the fields below override it when set
+    img_size: int = 0
+    patch_size: int = 0
+    in_chans: int = 0
+    embed_dim: int = 0
+    depth: int = 0
+    num_heads: int = 0
+    mlp_ratio: float = 0.0
+    qkv_bias: bool = False
+    mlp_time_embed: bool = False
+    conv: bool = True
+    skip: bool = True
+    conditioning: str = "token"  # token (the paper's) | adaln (DiT-style adaLN-Zero)
+    use_checkpoint: bool = False
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: str = "linear"  # linear (continuous VP, beta 0.1 -> 20) | discrete (SD scaled-linear betas)
+    beta_0: float = 0.1
+    beta_1: float = 20.0
+    discrete_beta_start: float = 0.00085
+    discrete_beta_end: float = 0.012
+    num_timesteps: int = 1000
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000
+    batch_size: int = 128
+    lr: float = 2e-4
+    weight_decay: float = 0.03
+    betas: tuple[float, float] = (0.99, 0.99)
+    warmup_steps: int = 100
+    ema_decay: float = 0.999
+    p_uncond: float = 0.15
+    grad_clip: float = 1.0
+    ckpt_every: int = 200  # steps between resumable checkpoints
+    keep_checkpoints: int = 2
+    log_every: int = 50
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+
+
+@dataclass
+class SampleConfig:
+    steps: int = 20  # DPM-Solver steps
+    order: int = 2
+    method: str = "multistep"  # multistep | singlestep | singlestep_fixed
+    algorithm: str = "dpmsolver++"  # dpmsolver | dpmsolver++
+    skip_type: str = "time_uniform"  # time_uniform | logSNR | time_quadratic
+    cfg_scale: float = 0.4  # U-ViT/DPT convention: eps = eps_c + s * (eps_c - eps_u)
+    backend: str = "auto"  # auto | cpp | python: the per-step update
+    cuda_graph: bool = True
+
+
+@dataclass
+class GenConfig:
+    k_per_class: int = 50  # pseudo images per class (paper: 128)
+    batch_size: int = 250
+    shard_size: int = 1000
+
+
+@dataclass
+class EvalConfig:
+    feature_net: str = ""  # safetensors of the FID/CAS feature network; "" = the one shipped for the data set
+    num_real: int = 0  # real images for FID; 0 = the whole test split
+    fid: bool = True
+
+
+@dataclass
+class Stage3Config:
+    logreg_c: float = 1.0
+    generated_weight: float = 1.0  # sample weight of a generated image relative to a real labelled one
+
+
+@dataclass
+class Config:
+    name: str = "mnist5k"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    num_threads: int = 0  # torch CPU threads, 0 = torch's default
+    data: DataConfig = field(default_factory=DataConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    gen: GenConfig = field(default_factory=GenConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    stage3: Stage3Config = field(default_factory=Stage3Config)
+
+    def to_dict(self) -> dict:
+        return _plain(asdict(self))
+
+    def fingerprint(self, *sections: str) -> str:
+        """A short hash of the named sections (plus `seed`), to tell whether stage outputs are stale."""
+        d = self.to_dict()
+        sub = {"seed": d["seed"], **{s: d[s] for s in sections}}
+        return hashlib.sha256(json.dumps(sub, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# Allowed values of string keys (checked on load).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.name": ("mnist5k", "digits", "imagefolder", "cifar10", "mnist_idx", "latents"),
+    "data.on_bad_image": ("skip", "error"),
+    "stage1.method": ("simclr_umap", "pca_logreg"),
+    "model.conditioning": ("token", "adaln"),
+    "diffusion.schedule": ("linear", "discrete"),
+    "train.precision": ("auto", "fp32", "bf16"),
+    "sample.method": ("multistep", "singlestep", "singlestep_fixed"),
+    "sample.algorithm": ("dpmsolver", "dpmsolver++"),
+    "sample.skip_type": ("time_uniform", "logSNR", "time_quadratic"),
+    "sample.backend": ("auto", "cpp", "python"),
+}
+
+# ----------------------------------------------------------------------------------------------
+# Presets: overrides on top of the defaults above.
+# ----------------------------------------------------------------------------------------------
+PRESETS: dict[str, dict[str, Any]] = {
+    # The embedded default: MNIST-5k (4,000 train / 1,000 test), all three stages in minutes on CPU.
+    "mnist5k": {},
+    # scikit-learn digits (8x8): seconds per stage, for tests.
+    "digits": {
+        "name": "digits",
+        "data": {"name": "digits"},
+        "stage1": {"ssl_epochs": 3, "ssl_batch_size": 128, "width": 8, "feature_dim": 32, "umap_neighbors": 10},
+        "model": {"preset": "uvit_digits"},
+        "train": {"steps": 30, "batch_size": 64, "ckpt_every": 10, "warmup_steps": 5, "log_every": 10},
+        "sample": {"steps": 5},
+        "gen": {"k_per_class": 4, "batch_size": 40, "shard_size": 16},
+    },
+}
+
+
+def _plain(obj: Any) -> Any:
+    """Dataclass dict -> YAML/JSON-friendly (tuples become lists)."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Check/convert `value` to the annotated type `typ`; raise UserError naming `key` otherwise."""
+    origin = typing.get_origin(typ)
+    bad = UserError(f"config key '{key}': expected {getattr(typ, '__name__', typ)}, got {value!r}")
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise bad
+        return value
+    if typ is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise bad from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if typ is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)
+        if not isinstance(value, str):
+            raise bad
+        allowed = CHOICES.get(key)
+        if allowed is not None and value not in allowed:
+            raise UserError(f"config key '{key}': {value!r} is not one of {', '.join(allowed)}")
+        return value
+    if origin is tuple:
+        args = typing.get_args(typ)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise UserError(f"config key '{key}': expected a list of {len(args)} numbers like [0.9, 0.999], got {value!r}")
+        return tuple(_coerce(key, v, a) for v, a in zip(value, args))
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        (inner,) = [a for a in typing.get_args(typ) if a is not type(None)]
+        return _coerce(key, value, inner)
+    return value
+
+
+def _section_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _apply(obj: Any, overrides: dict[str, Any], prefix: str = "") -> None:
+    """Apply a nested dict of overrides onto a dataclass instance, in place, with checking."""
+    hints = _section_types(type(obj))
+    names = [f.name for f in fields(obj)]
+    for k, v in overrides.items():
+        key = f"{prefix}{k}"
+        if k not in names:
+            close = difflib.get_close_matches(k, names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f"; known keys: {', '.join(prefix + n for n in names)}"
+            raise UserError(f"unknown config key '{key}'{hint}")
+        cur = getattr(obj, k)
+        if is_dataclass(cur):
+            if not isinstance(v, dict):
+                raise UserError(f"config key '{key}' is a section; set its keys, e.g. {key}.{fields(cur)[0].name}=...")
+            _apply(cur, v, prefix=f"{key}.")
+        else:
+            setattr(obj, k, _coerce(key, v, hints[k]))
+
+
+def _dotted_to_nested(key: str, value: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    cur = out
+    parts = key.split(".")
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = value
+    return out
+
+
+def parse_override(item: str) -> dict[str, Any]:
+    """'train.steps=200' -> {'train': {'steps': 200}} (the value is parsed as YAML)."""
+    if "=" not in item:
+        raise UserError(f"cannot read '{item}': overrides are key=value, e.g. train.steps=200")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise UserError(f"cannot read '{item}': the key is empty; overrides are key=value, e.g. train.steps=200")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return _dotted_to_nested(key, value)
+
+
+def load_config(preset_or_file: Optional[str] = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Resolve a preset name or YAML file plus `key=value` overrides into a Config."""
+    cfg = Config()
+    spec = preset_or_file or "mnist5k"
+    if spec in PRESETS:
+        _apply(cfg, PRESETS[spec])
+        cfg.name = PRESETS[spec].get("name", spec)
+    elif spec.endswith((".yaml", ".yml")) or Path(spec).exists():
+        path = Path(spec)
+        if not path.is_file():
+            raise UserError(f"config file {path} does not exist; pass a preset ({', '.join(PRESETS)}) or an existing YAML file")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]}); fix the file") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{path}: expected a mapping of config keys at the top level")
+        base = data.pop("preset", "mnist5k")
+        if base not in PRESETS:
+            raise UserError(f"{path}: preset '{base}' is unknown; use one of {', '.join(PRESETS)}")
+        _apply(cfg, PRESETS[base])
+        cfg.name = PRESETS[base].get("name", base)
+        if "name" not in data:
+            data["name"] = path.stem
+        _apply(cfg, data)
+    else:
+        close = difflib.get_close_matches(spec, list(PRESETS), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise UserError(f"unknown preset '{spec}'{hint}; use one of {', '.join(PRESETS)} or a YAML file")
+    for item in overrides:
+        _apply(cfg, parse_override(item))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Range checks that types alone cannot express."""
+    checks = [
+        ("split.labels_per_class", cfg.split.labels_per_class >= 1 or cfg.split.fraction > 0, "must be >= 1"),
+        ("split.fraction", 0.0 <= cfg.split.fraction < 1.0, "must be in [0, 1)"),
+        ("train.steps", cfg.train.steps >= 0, "must be >= 0"),
+        ("train.batch_size", cfg.train.batch_size >= 1, "must be >= 1"),
+        ("train.p_uncond", 0.0 <= cfg.train.p_uncond < 1.0, "must be in [0, 1)"),
+        ("train.ema_decay", 0.0 <= cfg.train.ema_decay < 1.0, "must be in [0, 1)"),
+        ("train.ckpt_every", cfg.train.ckpt_every >= 1, "must be >= 1"),
+        ("sample.steps", cfg.sample.steps >= 1, "must be >= 1"),
+        ("sample.order", cfg.sample.order in (1, 2, 3), "must be 1, 2 or 3"),
+        ("gen.k_per_class", cfg.gen.k_per_class >= 1, "must be >= 1"),
+        ("gen.batch_size", cfg.gen.batch_size >= 1, "must be >= 1"),
+        ("gen.shard_size", cfg.gen.shard_size >= 1, "must be >= 1"),
+        ("stage1.umap_dim", cfg.stage1.umap_dim >= 2, "must be >= 2"),
+    ]
+    for key, ok, what in checks:
+        if not ok:
+            raise UserError(f"config key '{key}' {what}")
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,75 @@
+"""`python -m dpt_fast.stage` — the thin CLI over the three DPT stages.
+
+    python -m dpt_fast.stage --stage {1,2,3,all} [--config PRESET|FILE.yaml] [--run-dir DIR]
+                             [--fresh] [--quiet] [key=value ...]
+
+Stage 1: semi-supervised learner -> pseudo-labels.  Stage 2: conditional U-ViT on pseudo-labels -> K images
+per class.  Stage 3: retrain the classifier on real labelled + generated images.  Re-running a stage resumes
+it; `--fresh` starts it over.  Under `torchrun --nproc_per_node N` the same command trains and samples on N
+processes.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .config import PRESETS, Config, load_config
+from .utils import UserError, log, setup_logging
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m dpt_fast.stage",
+        description="Dual Pseudo Training: run one stage or all three.",
+        epilog=f"presets: {', '.join(PRESETS)}. Overrides: key=value, e.g. seed=1 train.steps=500 split.labels_per_class=2",
+    )
+    p.add_argument("--stage", required=True, choices=["1", "2", "3", "all"], help="which stage to run")
+    p.add_argument("--config", default=None, help="a preset name or a YAML file (default: the run dir's config.yaml, else mnist5k)")
+    p.add_argument("--run-dir", default=None, help="run directory (default: runs/<config name>)")
+    p.add_argument("--fresh", action="store_true", help="discard the outputs of the stages being run and start over")
+    p.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    return p.parse_args(argv)
+
+
+def resolve(args: argparse.Namespace) -> tuple[Config, Path]:
+    """The config and run directory for this invocation.
+
+    Without --config, a run directory that already holds a config.yaml continues with that config (plus
+    the given overrides), so `--stage 2` after `--stage 1 seed=3` needs no repeated `seed=3`.
+    """
+    if args.config is None and args.run_dir is not None and (Path(args.run_dir) / "config.yaml").is_file():
+        cfg = load_config(str(Path(args.run_dir) / "config.yaml"), args.overrides)
+    else:
+        cfg = load_config(args.config, args.overrides)
+        saved = Path(args.run_dir or f"runs/{cfg.name}") / "config.yaml"
+        if args.config is None and saved.is_file():
+            cfg = load_config(str(saved), args.overrides)
+    run_dir = Path(args.run_dir or f"runs/{cfg.name}")
+    return cfg, run_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    setup_logging(args.quiet)
+    try:
+        cfg, run_dir = resolve(args)
+        from .stages import run_stages  # heavy imports only after the arguments are known to be good
+
+        stages = [1, 2, 3] if args.stage == "all" else [int(args.stage)]
+        t0 = time.time()
+        run_stages(cfg, run_dir, stages, fresh=args.fresh, progress=not args.quiet)
+        log.info("done in %.1f s; report: %s", time.time() - t0, run_dir / "report.md")
+        return 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: re-run the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
