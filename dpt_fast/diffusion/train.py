@@ -33,6 +33,7 @@ from torch import nn
 
 from ..utils import UserError, log, read_json, write_json
 from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, read_meta, save_checkpoint
+from .schedule import NoiseScheduleVP, model_time
 
 # Independent random streams per step.
 _STREAM_PERM, _STREAM_STEP = 0, 1
@@ -92,13 +93,34 @@ def batch_indices(step: int, batch_size: int, n: int, seed: int) -> torch.Tensor
 
 def sample_time(schedule, batch_size: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
     """Training times t in (0, 1], float32 [B]: n/N with n ~ U{1..N} for a discrete schedule (official
-    train_ldm_discrete), t ~ U(1/N, 1) for the continuous one (the sampler ends at t = 1/N too)."""
-    n_steps = int(schedule.total_N)
+    train_ldm_discrete), t ~ U(eps, 1) for the continuous one (eps = 1/N, where the sampler stops)."""
     if schedule.schedule == "discrete":
-        n = torch.randint(1, n_steps + 1, (batch_size,), generator=generator, device=device)
-        return n.float() / n_steps
-    eps = 1.0 / n_steps
-    return eps + (1.0 - eps) * torch.rand(batch_size, generator=generator, device=device)
+        n = torch.randint(1, schedule.total_N + 1, (batch_size,), generator=generator, device=device)
+        return n.float() / schedule.total_N
+    return schedule.eps + (1.0 - schedule.eps) * torch.rand(batch_size, generator=generator, device=device)
+
+
+@dataclass
+class StepDraws:
+    """The random draws of one training step for the global batch (all on `device` except `index`)."""
+
+    index: torch.Tensor  # int64 [B] data indices (CPU)
+    t: torch.Tensor  # float32 [B] times in (0, 1]
+    drop: torch.Tensor  # bool [B] label replaced by the null class
+    noise: torch.Tensor  # float32 [B, *sample_shape]
+
+    def shard(self, lo: int, hi: int) -> "StepDraws":
+        return StepDraws(self.index[lo:hi], self.t[lo:hi], self.drop[lo:hi], self.noise[lo:hi])
+
+
+def draw_step(step: int, seed: int, batch_size: int, n: int, sample_shape: tuple[int, ...], schedule,
+              p_uncond: float, device: torch.device) -> StepDraws:
+    """Everything random about step `step`, a pure function of (seed, step)."""
+    gen = torch.Generator(device=device).manual_seed(step_seed(seed, _STREAM_STEP, step))
+    t = sample_time(schedule, batch_size, gen, device)
+    drop = torch.rand(batch_size, generator=gen, device=device) < p_uncond
+    noise = torch.randn((batch_size, *sample_shape), generator=gen, device=device)
+    return StepDraws(batch_indices(step, batch_size, n, seed), t, drop, noise)
 
 
 def lr_at(step: int, lr: float, warmup_steps: int) -> float:
@@ -140,7 +162,7 @@ def make_optimizer(model: nn.Module, tcfg, device: torch.device) -> torch.optim.
 
 
 def diffusion_loss(
-    model: nn.Module, x0: torch.Tensor, y: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, schedule, model_time
+    model: nn.Module, x0: torch.Tensor, y: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, schedule: NoiseScheduleVP
 ) -> torch.Tensor:
     """Epsilon-prediction MSE. x0, noise: [B, C, H, W]; y: int64 [B]; t: [B] in (0, 1]. Scalar, fp32."""
     shape = (-1,) + (1,) * (x0.ndim - 1)
@@ -179,8 +201,7 @@ def train_diffusion(
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
-    schedule,
-    model_time: Callable,
+    schedule: NoiseScheduleVP,
     tcfg,
     *,
     num_classes: int,
@@ -252,8 +273,14 @@ def train_diffusion(
     y = y.to(device)
 
     def save(step: int) -> None:
+        # The open logging window travels with the checkpoint, so a resumed run logs the same losses.
+        window = loss_sum.clone()
+        if world > 1:
+            dist.all_reduce(window)
+            window /= world
         if rank == 0:
-            meta = {"fingerprint": fingerprint, "seed": seed, "world_size": world}
+            meta = {"fingerprint": fingerprint, "seed": seed, "world_size": world,
+                    "loss_window": [window.item(), loss_count]}
             save_checkpoint(ckpt_dir, step, model, ema, optimizer, meta, keep=tcfg.keep_checkpoints)
             if hist_path is not None:
                 write_json(hist_path, history)
@@ -265,6 +292,9 @@ def train_diffusion(
     model.train()
     loss_sum = torch.zeros((), device=device)
     loss_count = 0
+    if start > 0:
+        window_sum, loss_count = meta.get("loss_window", [0.0, 0])
+        loss_sum.fill_(window_sum)
     lo, hi = rank * local_bs, (rank + 1) * local_bs
     t0 = time.perf_counter()
     for step in range(start, tcfg.steps):
@@ -273,16 +303,11 @@ def train_diffusion(
             g["lr"] = lr
 
         # All draws of this step, for the global batch; this rank keeps its slice.
-        idx = batch_indices(step, tcfg.batch_size, n, seed)[lo:hi]
-        gen = torch.Generator(device=device).manual_seed(step_seed(seed, _STREAM_STEP, step))
-        t = sample_time(schedule, tcfg.batch_size, gen, device)[lo:hi]
-        drop = (torch.rand(tcfg.batch_size, generator=gen, device=device) < tcfg.p_uncond)[lo:hi]
-        noise = torch.randn((tcfg.batch_size,) + tuple(x.shape[1:]), generator=gen, device=device)[lo:hi]
-
-        x0 = x[idx.to(x.device)].to(device, non_blocking=True)
-        yb = torch.where(drop, torch.full_like(y[:1], num_classes), y[idx.to(device)])
+        d = draw_step(step, seed, tcfg.batch_size, n, tuple(x.shape[1:]), schedule, tcfg.p_uncond, device).shard(lo, hi)
+        x0 = x[d.index.to(x.device)].to(device, non_blocking=True)
+        yb = torch.where(d.drop, torch.full_like(y[:1], num_classes), y[d.index.to(device)])
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss = diffusion_loss(net, x0, yb, t, noise, schedule, model_time)
+            loss = diffusion_loss(net, x0, yb, d.t, d.noise, schedule)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if tcfg.grad_clip > 0:
