@@ -120,9 +120,10 @@ def test_prepare_resumes_after_interruption(images, vae_dir, tmp_path, monkeypat
     calls = []
 
     def killed_after_first(path, array):
-        if calls:
-            raise KeyboardInterrupt  # the process dies while shard 1 is being written
-        calls.append(path.name)
+        if path.name.startswith("latents"):
+            if calls:
+                raise KeyboardInterrupt  # the process dies while shard 1 is being written
+            calls.append(path.name)
         real_save(path, array)
 
     monkeypatch.setattr(L, "_save_shard", killed_after_first)
@@ -133,7 +134,7 @@ def test_prepare_resumes_after_interruption(images, vae_dir, tmp_path, monkeypat
     first = (out / "latents-00000.npy").stat().st_mtime_ns
 
     saved = []
-    monkeypatch.setattr(L, "_save_shard", lambda p, a: (saved.append(p.name), real_save(p, a)))
+    monkeypatch.setattr(L, "_save_shard", lambda p, a: (p.name.startswith("latents") and saved.append(p.name), real_save(p, a)))
     m = _prepare(images, out, vae_dir)
     assert saved == ["latents-00001.npy", "latents-00002.npy"]  # only the unfinished shards
     assert (out / "latents-00000.npy").stat().st_mtime_ns == first and m["num_images"] == 9
@@ -155,7 +156,7 @@ def test_two_ranks_split_the_shards_and_rank0_writes_the_manifest(images, vae_di
     out = tmp_path / "lat"
     saved = []
     real_save = L._save_shard
-    monkeypatch.setattr(L, "_save_shard", lambda p, a: (saved.append(p.name), real_save(p, a)))
+    monkeypatch.setattr(L, "_save_shard", lambda p, a: (p.name.startswith("latents") and saved.append(p.name), real_save(p, a)))
     assert _prepare(images, out, vae_dir, rank=0, world_size=2) is None  # rank 1's shard still missing
     assert saved == ["latents-00000.npy", "latents-00002.npy"] and not (out / "manifest.json").exists()
     assert _prepare(images, out, vae_dir, rank=1, world_size=2) is None  # only rank 0 writes the manifest

@@ -188,7 +188,9 @@ class ImageDecoder:
             raise UserError(f"decoder backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
         self.device = torch.device(device) if device is not None else None
         if self.backend == "dali_gpu" and (self.device is None or self.device.type != "cuda"):
-            self.device = torch.device("cuda", torch.cuda.current_device())
+            self.device = torch.device("cuda")
+        if self.device is not None and self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())  # DALI needs a device id
         self.random_flip, self.seed = random_flip, seed
         self.threads = num_threads or _default_threads()
         self.on_bad_image = on_bad_image

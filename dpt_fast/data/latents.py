@@ -42,6 +42,7 @@ from .vae import SCALE, sample_latents
 
 FORMAT = "dpt_fast.prepared/1"
 DTYPES = ("float16", "float32")
+VAE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -74,6 +75,7 @@ def _shard_ok(path: Path, shape: tuple[int, ...], dtype: str) -> bool:
 
 
 def _save_shard(path: Path, array: np.ndarray) -> None:
+    """Write a .npy atomically: a kill leaves the old file or none, never a torn one."""
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, array)
@@ -108,11 +110,10 @@ def _load_or_scan(root: Path, out: Path, settings: dict, workers: int, progress:
             log.info("reusing %s (%d images)", path, len(index))
         else:
             index = scan_imagefolder(root, settings["on_bad_image"], workers=workers, progress=progress)
-            write_text(out / "files.txt", "".join(f + "\n" for f in index.files))
-            with atomic_path(out / "labels.npy") as tmp:
-                with open(tmp, "wb") as f:
-                    np.save(f, index.labels)
             write_json(path, {"format": FORMAT, "settings": settings, "index": index.to_dict()})
+        if not (out / "files.txt").is_file() or not (out / "labels.npy").is_file():
+            write_text(out / "files.txt", "".join(f + "\n" for f in index.files))
+            _save_shard(out / "labels.npy", index.labels)
     _barrier()
     if rank != 0:
         index = ImageIndex.from_dict(read_json(path)["index"])
@@ -129,6 +130,7 @@ def prepare_shards(
     shard_size: int = 4096,
     batch_size: int = 64,
     dtype: str = "float16",
+    vae_dtype: str = "float32",
     device: str | torch.device = "auto",
     workers: int = 0,
     fresh: bool = False,
@@ -139,13 +141,16 @@ def prepare_shards(
     """Validate `root`, then decode (and with `vae_path` encode) this rank's missing shards into `out`.
 
     Returns the manifest once every shard exists (on rank 0), else None. rank/world_size default to
-    torch.distributed's (0/1 without it). dtype: storage dtype of the latent moments.
+    torch.distributed's (0/1 without it). dtype: storage dtype of the latent moments; vae_dtype: the dtype
+    the encoder runs in (float32 as the official extraction; bfloat16 is several times faster on GPUs).
     """
     from ..utils import resolve_device
     from .dali import ImageDecoder, select_backend
 
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
+    if vae_dtype not in VAE_DTYPES:
+        raise UserError(f"--vae-dtype {vae_dtype}: use one of {', '.join(VAE_DTYPES)}")
     if resolution < 8 or shard_size < 1 or batch_size < 1:
         raise UserError("--resolution must be >= 8, --shard-size and --batch-size >= 1")
     d_rank, d_world = _dist_info()
@@ -168,13 +173,14 @@ def prepare_shards(
         "shard_size": shard_size,
         "dtype": dtype if kind == "latents" else "uint8",
         "vae": str(Path(vae_path).expanduser().resolve()) if vae_path else None,
+        "vae_dtype": vae_dtype if vae_path else None,
     }
     dev = resolve_device(str(device))
     vae = None
     if kind == "latents":  # before the scan: a wrong --vae should not wait for a million images to be checked
         from .vae import load_vae
 
-        vae = load_vae(vae_path, device=dev)
+        vae = load_vae(vae_path, device=dev, dtype=getattr(torch, vae_dtype))
         f = 2 ** (len(vae.config.block_out_channels) - 1)
         if resolution % f:
             raise UserError(f"--resolution {resolution} is not a multiple of the VAE's downsampling factor {f}")

@@ -29,6 +29,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--shard-size", type=int, default=4096, help="images per shard (default 4096)")
     p.add_argument("--batch-size", type=int, default=64, help="images per decode/encode batch (default 64)")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="storage of the latent moments (default float16)")
+    p.add_argument("--vae-dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="dtype the VAE encoder runs in (default float32)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)")
     p.add_argument("--workers", type=int, default=0, help="processes for the image check (default: all cores)")
     p.add_argument("--fresh", action="store_true", help="discard what OUT holds and start over")
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 
         prepare_shards(
             args.root, args.out, vae_path=args.vae, resolution=args.resolution, on_bad_image=args.on_bad_image,
-            shard_size=args.shard_size, batch_size=args.batch_size, dtype=args.dtype, device=device,
+            shard_size=args.shard_size, batch_size=args.batch_size, dtype=args.dtype, vae_dtype=args.vae_dtype, device=device,
             workers=args.workers, fresh=args.fresh, progress=not args.quiet,
         )
         return 0
