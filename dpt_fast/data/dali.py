@@ -257,33 +257,33 @@ class ImageDecoder:
         builds = 0
         while True:
             device_id = self.device.index if gpu else None
-            pipe = _build_pipeline(feeder, self.size, gpu, self.batch_size, self.threads, device_id, self.random_flip, self.seed + builds)
-            builds += 1
             try:
-                while True:
-                    try:
-                        images, pos = pipe.run()
-                    except StopIteration:
-                        return
-                    expected = feeder.fed.popleft()
-                    got = np.asarray(pos.as_array()).reshape(-1)
-                    if not np.array_equal(got, expected):  # would mean a shifted label: never continue
-                        raise RuntimeError(f"DALI returned positions {got[:4]}... for a batch fed as {expected[:4]}...")
-                    yield expected, self._to_torch(images)
-            except UserError:
-                raise
-            except (RuntimeError, ValueError) as e:
-                if "returned positions" in str(e):
-                    raise
-                in_flight = list(feeder.fed)
-                feeder.fed.clear()
-                msg = " ".join(str(e).split())
-                log.warning("DALI failed on a batch (%s...); decoding its %d file(s) with PIL", msg[:160], sum(map(len, in_flight)))
-                del pipe
-                for positions in in_flight:
-                    got = self._decode_pil_batch(positions, pool, rng)
-                    if got is not None:
-                        yield got
+                pipe = _build_pipeline(feeder, self.size, gpu, self.batch_size, self.threads, device_id, self.random_flip, self.seed + builds)
+            except RuntimeError as e:
+                first = " ".join(str(e).split())[:200]
+                raise UserError(f"the DALI {self.backend} pipeline did not start ({first}); set {DECODER_ENV}=dali_cpu or pil") from None
+            builds += 1
+            while True:
+                try:
+                    images, pos = pipe.run()
+                except StopIteration:
+                    return
+                except (RuntimeError, ValueError) as e:  # DALI's errors; the pipeline is unusable now
+                    in_flight = list(feeder.fed)
+                    feeder.fed.clear()
+                    msg = " ".join(str(e).split())
+                    log.warning("DALI failed on a batch (%s...); decoding its %d file(s) with PIL", msg[:160], sum(map(len, in_flight)))
+                    del pipe
+                    for positions in in_flight:
+                        got = self._decode_pil_batch(positions, pool, rng)
+                        if got is not None:
+                            yield got
+                    break  # rebuild and continue after the redone batches
+                expected = feeder.fed.popleft()
+                returned = np.asarray(pos.as_array()).reshape(-1)
+                if not np.array_equal(returned, expected):  # a shifted label: never continue
+                    raise AssertionError(f"DALI returned positions {returned[:4]}... for a batch fed as {expected[:4]}...")
+                yield expected, self._to_torch(images)
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         from tqdm import tqdm

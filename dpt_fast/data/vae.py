@@ -64,7 +64,11 @@ def _from_single_file(path: Path, config: dict | None):
     vae = AutoencoderKL.from_config(config or SD_VAE_CONFIG)
     if not any(k.startswith(("encoder.down_blocks", "decoder.up_blocks")) for k in sd):
         sd = convert_ldm_vae_checkpoint(sd, vae.config)  # original LDM/SD key names -> diffusers
-    missing, unexpected = vae.load_state_dict(sd, strict=False)
+    try:
+        missing, unexpected = vae.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # shape mismatches: another architecture
+        first = str(e).strip().splitlines()[1].strip() if len(str(e).strip().splitlines()) > 1 else str(e)[:160]
+        raise UserError(f"{path}: weights do not fit a KL-f8 AutoencoderKL ({first}); pass the SD VAE or a diffusers folder") from None
     if missing:
         raise UserError(
             f"{path}: not a KL-f8 AutoencoderKL checkpoint ({len(missing)} weights missing, e.g. {missing[0]}); "
