@@ -174,8 +174,8 @@ def test_sixteen_bit_png_is_rescaled_not_clipped(tmp_path):
 
 
 def _parity_set(root):
-    """JPEGs in the layouts real data sets use (4:2:0, 4:4:4, progressive, grayscale, CMYK) and PNGs,
-    at sizes that exercise down- and up-scaling, odd sizes and both orientations."""
+    """JPEGs in the layouts real data sets use (4:2:0, 4:4:4, progressive, grayscale, CMYK) and PNGs (RGB,
+    RGBA, palette, gray+alpha), at sizes that exercise down- and up-scaling, odd sizes, both orientations."""
     (root / "p").mkdir(parents=True)
     sizes = [(375, 500), (500, 333), (64, 80), (37, 45), (100, 33), (48, 48), (257, 256), (20, 28)]
     for i, (h, w) in enumerate(sizes):
@@ -186,6 +186,9 @@ def _parity_set(root):
     Image.fromarray(_texture(300, 400, 100, 1)).save(root / "p/prog.jpg", quality=85, progressive=True)
     Image.fromarray(_texture(120, 90, 100, 2)[..., 0]).save(root / "p/gray.jpg", quality=85)
     Image.fromarray(_texture(90, 120, 100, 3)).convert("CMYK").save(root / "p/cmyk.jpg", quality=85)
+    Image.fromarray(np.dstack([_texture(70, 50, 100, 4), _texture(70, 50, 100, 5, 1)])).save(root / "p/rgba.png")
+    Image.fromarray(_texture(50, 70, 100, 6)).convert("P").save(root / "p/palette.png")
+    Image.fromarray(_texture(60, 60, 100, 7, 1)[..., 0]).convert("LA").save(root / "p/la.png")
 
 
 def _decode_all(index, size, backend):

@@ -1,7 +1,6 @@
 """Latent extraction (`python -m dpt_fast.data.prepare`) with a tiny random AutoencoderKL, resume, rank split,
 and the LatentDataset that stage 2 reads."""
 import json
-import os
 
 import numpy as np
 import pytest

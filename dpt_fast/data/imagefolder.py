@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -46,24 +47,11 @@ class BadImage(Exception):
 # ----------------------------------------------------------------------------------------------
 # Validation: a cheap but complete check that a file decodes.
 # ----------------------------------------------------------------------------------------------
-def inspect_image(path: str | os.PathLike) -> tuple[int, int]:
-    """(width, height) of a decodable JPEG/PNG file; raise BadImage with the reason otherwise.
-
-    JPEGs are decoded at 1/8 scale (libjpeg DCT scaling via PIL `draft`): that still entropy-decodes the
-    whole stream, so truncated and corrupt files fail, at about half the cost of a full decode. PNGs are
-    decoded fully (zlib stream and CRCs).
-    """
+@contextmanager
+def _reason():
+    """Turn whatever opening/decoding a file raises into BadImage with a short reason."""
     try:
-        if os.path.getsize(path) == 0:
-            raise BadImage("empty file (0 bytes)")
-        with open(path, "rb") as f:
-            with Image.open(f) as im:
-                if im.format not in FORMATS:
-                    raise BadImage(f"{im.format} image; only JPEG and PNG are read")
-                size = im.size
-                if im.format == "JPEG":
-                    im.draft(im.mode, (1, 1))
-                im.load()
+        yield
     except BadImage:
         raise
     except PermissionError:
@@ -74,6 +62,29 @@ def inspect_image(path: str | os.PathLike) -> tuple[int, int]:
         raise BadImage("unreadable (missing or a broken link)") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise BadImage(f"cannot decode ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
+def _check_format(im: Image.Image) -> None:
+    if im.format not in FORMATS:
+        raise BadImage(f"{im.format} image; only JPEG and PNG are read")
+
+
+def inspect_image(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) of a decodable JPEG/PNG file; raise BadImage with the reason otherwise.
+
+    JPEGs are decoded at 1/8 scale (libjpeg DCT scaling via PIL `draft`): that still entropy-decodes the
+    whole stream, so truncated and corrupt files fail, at about half the cost of a full decode. PNGs are
+    decoded fully (zlib stream and CRCs).
+    """
+    with _reason():
+        if os.path.getsize(path) == 0:
+            raise BadImage("empty file (0 bytes)")
+        with open(path, "rb") as f, Image.open(f) as im:
+            _check_format(im)
+            size = im.size
+            if im.format == "JPEG":
+                im.draft(im.mode, (1, 1))
+            im.load()
     if min(size) < 1:
         raise BadImage(f"degenerate size {size[0]}x{size[1]}")
     return size
@@ -309,21 +320,11 @@ def resize_crop(rgb: np.ndarray, size: int) -> np.ndarray:
 
 def decode_pil(path: str | os.PathLike, size: int) -> np.ndarray:
     """Decode, resize and center-crop one file with PIL -> uint8 [size, size, 3]. Raises BadImage."""
-    try:
-        with open(path, "rb") as f:
-            with Image.open(f) as im:
-                if im.format not in FORMATS:
-                    raise BadImage(f"{im.format} image; only JPEG and PNG are read")
-                im.load()
-                rgb = to_rgb(im)
-    except BadImage:
-        raise
-    except PermissionError:
-        raise BadImage("unreadable (permission denied)") from None
-    except UnidentifiedImageError:
-        raise BadImage("not an image") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise BadImage(f"cannot decode ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    with _reason():
+        with open(path, "rb") as f, Image.open(f) as im:
+            _check_format(im)
+            im.load()
+            rgb = to_rgb(im)
     return resize_crop(rgb, size)
 
 
