@@ -367,20 +367,22 @@ class LatentDataset(_Shards):
     ) -> torch.Tensor:
         """z = (mean + exp(logvar / 2) * eps) * 0.18215, float32 [n, c, h, w], on `device`.
 
-        flip: use the mirrored image's moments with probability 1/2 (the paper's random flip). The mirror
-        choice is drawn from `generator` (a CPU generator); eps is drawn on `device`, from `generator` when
-        it lives there.
+        flip: use the mirrored image's moments with probability 1/2 (the paper's random flip). All draws
+        come from `generator` (mirror bits, then eps; eps from a generator seeded by it when `device` is not
+        the generator's device), so the same generator state gives the same z.
         """
         n = len(indices)
-        flips = torch.randint(0, 2, (n,), generator=generator).numpy() if flip else np.zeros(n, np.int64)
+        gdev = generator.device if generator is not None else torch.device("cpu")
+        flips = torch.randint(0, 2, (n,), generator=generator, device=gdev).cpu().numpy() if flip else np.zeros(n, np.int64)
         m = self.moments(indices, flips)
         device = torch.device(device) if device is not None else torch.device("cpu")
         if device.type == "cuda":
             m = m.pin_memory().to(device, non_blocking=True)
-        gen = generator if generator is None or generator.device == device else None
-        if gen is None and generator is not None:
-            # a CPU generator cannot draw on CUDA: derive a device generator from it, reproducibly
-            gen = torch.Generator(device).manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+        gen = generator
+        if generator is not None and generator.device != device:
+            # eps is drawn where z lives: derive a generator there from this one, reproducibly
+            seed = int(torch.randint(2**62, (1,), generator=generator, device=gdev))
+            gen = torch.Generator(device).manual_seed(seed)
         return sample_latents(m, gen, self.scale)
 
 
