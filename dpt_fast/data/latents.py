@@ -259,18 +259,8 @@ def prepare_shards(
         "latent_shape": [item_shape[1] // 2, item_shape[2], item_shape[3]] if kind == "latents" else None,
     }
     write_json(out / "manifest.json", manifest)
-    _share(out)
     log.info("wrote %s: %d images, %d classes, %d skipped", out / "manifest.json", n, len(index.classes), len(index.skipped))
     return manifest
-
-
-def _share(out: Path) -> None:
-    """Atomic writes create private (0600) files; a data set is read by other jobs and users: umask rules."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for p in out.iterdir():
-        if p.is_file():
-            p.chmod(0o666 & ~umask)
 
 
 def _encode(vae, images: torch.Tensor) -> np.ndarray:
