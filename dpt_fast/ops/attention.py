@@ -61,7 +61,8 @@ def attention(qkv: torch.Tensor, num_heads: int, scale: Optional[float] = None,
     Dh = D // num_heads
     scale = Dh ** -0.5 if scale is None else scale
     backend = backend or attention_backend()
-    _log_once(backend, qkv.device, qkv.dtype)
+    if not torch.compiler.is_compiling():
+        _log_once(backend, qkv.device, qkv.dtype)
 
     if backend == "xformers":
         try:
