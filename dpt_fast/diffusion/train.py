@@ -190,11 +190,13 @@ class TrainResult:
     step: int  # steps done in total
     start_step: int  # where this call started (0, or the checkpoint it resumed from)
     seconds: float  # wall time of the steps run by this call
+    total_seconds: float  # wall time of all `step` steps, over every call that trained them
     history: dict = field(default_factory=dict)  # {"step": [...], "loss": [...], "lr": [...]}
 
     @property
     def steps_per_second(self) -> float:
-        return (self.step - self.start_step) / self.seconds if self.seconds > 0 else 0.0
+        """Training speed over all steps (including those of runs this one resumed)."""
+        return self.step / self.total_seconds if self.total_seconds > 0 else 0.0
 
 
 def train_diffusion(
@@ -236,7 +238,7 @@ def train_diffusion(
     optimizer = make_optimizer(model, tcfg, device)
 
     # Resume.
-    start = 0
+    start, prior_seconds = 0, 0.0
     last = latest_checkpoint(ckpt_dir)
     if last is not None:
         meta = read_meta(ckpt_dir, last)
@@ -249,8 +251,8 @@ def train_diffusion(
             if tcfg.steps not in list_checkpoints(ckpt_dir):
                 raise UserError(f"{ckpt_dir} already holds step {last} > train.steps={tcfg.steps}; set train.steps>={last} or use --fresh")
             last = tcfg.steps
-        load_checkpoint(ckpt_dir, last, model, ema, optimizer)
-        start = last
+        meta = load_checkpoint(ckpt_dir, last, model, ema, optimizer)
+        start, prior_seconds = last, float(meta.get("train_seconds", 0.0))
         log.info("stage 2: resumed from %s at step %d of %d", ckpt_dir, start, tcfg.steps)
 
     history = {"step": [], "loss": [], "lr": []}
@@ -280,7 +282,8 @@ def train_diffusion(
             window /= world
         if rank == 0:
             meta = {"fingerprint": fingerprint, "seed": seed, "world_size": world,
-                    "loss_window": [window.item(), loss_count]}
+                    "loss_window": [window.item(), loss_count],
+                    "train_seconds": prior_seconds + time.perf_counter() - t0}
             save_checkpoint(ckpt_dir, step, model, ema, optimizer, meta, keep=tcfg.keep_checkpoints)
             if hist_path is not None:
                 write_json(hist_path, history)
@@ -348,4 +351,5 @@ def train_diffusion(
         log.info("stage 2: trained steps %d..%d in %.1f s (%.1f img/s)", start, tcfg.steps, seconds,
                  (tcfg.steps - start) * tcfg.batch_size / max(seconds, 1e-9))
     model.eval()
-    return TrainResult(model=model, ema=ema, step=max(start, tcfg.steps), start_step=start, seconds=seconds, history=history)
+    return TrainResult(model=model, ema=ema, step=max(start, tcfg.steps), start_step=start, seconds=seconds,
+                       total_seconds=prior_seconds + seconds, history=history)
