@@ -90,6 +90,9 @@ def test_batches_walk_through_seeded_epoch_permutations():
     stream = torch.cat([batch_indices(s, bs, n, seed=3) for s in range(5)])  # 20 positions = 2 epochs
     assert sorted(stream[:10].tolist()) == list(range(10)) and sorted(stream[10:].tolist()) == list(range(10))
     assert torch.equal(batch_indices(2, bs, n, seed=3), stream[8:12])  # a pure function of (seed, step)
+    cache = {}
+    assert torch.equal(torch.cat([batch_indices(s, bs, n, 3, cache) for s in range(5)]), stream)
+    assert sorted(cache) == [1]  # only the current epoch's permutation is kept
     assert not torch.equal(batch_indices(0, 10, n, seed=4), stream[:10])
     assert sorted(batch_indices(0, 25, n, seed=0).tolist()) != list(range(25))  # batches larger than an epoch work
     assert batch_indices(0, 25, n, seed=0).max() < n

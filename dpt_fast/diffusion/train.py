@@ -23,7 +23,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Protocol
 
 import numpy as np
 import torch
@@ -36,7 +36,18 @@ from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, re
 from .schedule import NoiseScheduleVP, model_time
 
 # Independent random streams per step.
-_STREAM_PERM, _STREAM_STEP = 0, 1
+_STREAM_PERM, _STREAM_STEP, _STREAM_DATA = 0, 1, 2
+
+
+class BatchSource(Protocol):
+    """Training data that is not one in-memory tensor (e.g. memory-mapped VAE latent moments)."""
+
+    sample_shape: tuple[int, ...]  # [C, H, W] of one training sample
+
+    def __len__(self) -> int: ...
+
+    def __call__(self, index: torch.Tensor, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        """float [len(index), *sample_shape] on `device`; any randomness (latent sampling, flips) from `generator`."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -73,21 +84,32 @@ def barrier() -> None:
 # ----------------------------------------------------------------------------------------------
 # Pieces of the loop
 # ----------------------------------------------------------------------------------------------
-def step_seed(seed: int, stream: int, k: int) -> int:
-    """A 63-bit seed for (run seed, stream, counter); statistically independent across arguments."""
-    return int(np.random.SeedSequence([seed, stream, k]).generate_state(1, np.uint64)[0]) >> 1
+def step_seed(seed: int, stream: int, *counters: int) -> int:
+    """A 63-bit seed for (run seed, stream, counters...); statistically independent across arguments."""
+    return int(np.random.SeedSequence([seed, stream, *counters]).generate_state(1, np.uint64)[0]) >> 1
 
 
-def batch_indices(step: int, batch_size: int, n: int, seed: int) -> torch.Tensor:
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The data order of one epoch: randperm(n) seeded by (seed, epoch). int64 [n] on CPU."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(step_seed(seed, _STREAM_PERM, epoch)))
+
+
+def batch_indices(step: int, batch_size: int, n: int, seed: int, perms: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
     """Data indices of the global batch of `step`: positions [step*B, (step+1)*B) of the endless stream of
-    per-epoch permutations (epoch e: randperm(n) seeded by (seed, e)). int64 [B] on CPU."""
+    per-epoch permutations. int64 [B] on CPU. `perms` caches the permutations between calls (epochs that
+    are behind the current batch are dropped from it)."""
+    perms = {} if perms is None else perms
     start = step * batch_size
     pos = torch.arange(start, start + batch_size)
     out = torch.empty(batch_size, dtype=torch.long)
-    for epoch in range(start // n, (start + batch_size - 1) // n + 1):
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(step_seed(seed, _STREAM_PERM, epoch)))
+    first, last = start // n, (start + batch_size - 1) // n
+    for epoch in [e for e in perms if e < first]:
+        del perms[epoch]
+    for epoch in range(first, last + 1):
+        if epoch not in perms:
+            perms[epoch] = epoch_permutation(n, seed, epoch)
         sel = (pos // n) == epoch
-        out[sel] = perm[pos[sel] % n]
+        out[sel] = perms[epoch][pos[sel] % n]
     return out
 
 
@@ -114,13 +136,13 @@ class StepDraws:
 
 
 def draw_step(step: int, seed: int, batch_size: int, n: int, sample_shape: tuple[int, ...], schedule,
-              p_uncond: float, device: torch.device) -> StepDraws:
-    """Everything random about step `step`, a pure function of (seed, step)."""
+              p_uncond: float, device: torch.device, perms: dict[int, torch.Tensor] | None = None) -> StepDraws:
+    """Everything random about step `step`, a pure function of (seed, step). `perms`: see `batch_indices`."""
     gen = torch.Generator(device=device).manual_seed(step_seed(seed, _STREAM_STEP, step))
     t = sample_time(schedule, batch_size, gen, device)
     drop = torch.rand(batch_size, generator=gen, device=device) < p_uncond
     noise = torch.randn((batch_size, *sample_shape), generator=gen, device=device)
-    return StepDraws(batch_indices(step, batch_size, n, seed), t, drop, noise)
+    return StepDraws(batch_indices(step, batch_size, n, seed, perms), t, drop, noise)
 
 
 def lr_at(step: int, lr: float, warmup_steps: int) -> float:
@@ -201,7 +223,7 @@ class TrainResult:
 
 def train_diffusion(
     model: nn.Module,
-    x: torch.Tensor,
+    x: torch.Tensor | BatchSource,
     y: torch.Tensor,
     schedule: NoiseScheduleVP,
     tcfg,
@@ -217,8 +239,9 @@ def train_diffusion(
 ) -> TrainResult:
     """Train `model` for `tcfg.steps` steps in total, resuming from the newest checkpoint in `ckpt_dir`.
 
-    x: the training images (or latents), float [N, C, H, W] in [-1, 1] (any device; batches are moved to
-    `device`); y: int64 [N] (pseudo-)labels in [0, num_classes); the null class is `num_classes`.
+    x: the training images, float [N, C, H, W] in [-1, 1] (any device; batches are moved to `device`), or a
+    `BatchSource` (e.g. VAE latents); y: int64 [N] (pseudo-)labels in [0, num_classes); the null class is
+    `num_classes`.
     `fingerprint` identifies everything the weights depend on except the step count: a checkpoint with
     another one is refused (UserError). `log_dir` receives train_history.json and TensorBoard scalars (tb/).
     Under torch.distributed every rank calls this with the same arguments; `tcfg.batch_size` is the global
@@ -228,7 +251,10 @@ def train_diffusion(
     if tcfg.batch_size % world:
         raise UserError(f"train.batch_size={tcfg.batch_size} must be divisible by the number of processes ({world})")
     local_bs = tcfg.batch_size // world
-    n = x.shape[0]
+    if isinstance(x, torch.Tensor):
+        n, sample_shape = x.shape[0], tuple(x.shape[1:])
+    else:
+        n, sample_shape = len(x), tuple(x.sample_shape)
     if y.shape[0] != n:
         raise ValueError(f"{n} images but {y.shape[0]} labels")
     ckpt_dir, log_dir = Path(ckpt_dir), Path(log_dir) if log_dir is not None else None
@@ -299,6 +325,7 @@ def train_diffusion(
         window_sum, loss_count = meta.get("loss_window", [0.0, 0])
         loss_sum.fill_(window_sum)
     lo, hi = rank * local_bs, (rank + 1) * local_bs
+    perms: dict[int, torch.Tensor] = {}
     t0 = time.perf_counter()
     for step in range(start, tcfg.steps):
         lr = lr_at(step, tcfg.lr, tcfg.warmup_steps)
@@ -306,8 +333,11 @@ def train_diffusion(
             g["lr"] = lr
 
         # All draws of this step, for the global batch; this rank keeps its slice.
-        d = draw_step(step, seed, tcfg.batch_size, n, tuple(x.shape[1:]), schedule, tcfg.p_uncond, device).shard(lo, hi)
-        x0 = x[d.index.to(x.device)].to(device, non_blocking=True)
+        d = draw_step(step, seed, tcfg.batch_size, n, sample_shape, schedule, tcfg.p_uncond, device, perms).shard(lo, hi)
+        if isinstance(x, torch.Tensor):
+            x0 = x[d.index.to(x.device)].to(device, non_blocking=True)
+        else:
+            x0 = x(d.index, torch.Generator().manual_seed(step_seed(seed, _STREAM_DATA, step, lo)), device)
         yb = torch.where(d.drop, torch.full_like(y[:1], num_classes), y[d.index.to(device)])
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             loss = diffusion_loss(net, x0, yb, d.t, d.noise, schedule)
