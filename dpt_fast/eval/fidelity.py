@@ -127,8 +127,10 @@ def generation_metrics(
     torch-fidelity's own progress output (worth it for Inception on large sets).
 
     Returns {fid, is, is_std, precision, recall, f_score, cas, cas_per_class, num_generated, num_real,
-    feature_net, feature_net_sha256, seconds}. Precision: share of generated images inside the real
-    manifold; recall: share of real images inside the generated manifold (k = 3 neighbours).
+    feature_net, feature_net_sha256, eval_seconds} -- no "seconds" key, so merging it into a stage's metrics
+    keeps the stage's own time. Precision: share of generated images inside the real manifold; recall: share
+    of real images inside the generated manifold (k = 3 neighbours). FID/IS use the judge's features/logits,
+    so they compare only with numbers from the same judge (feature_net_sha256).
     """
     t0 = time.time()
     gen = _as_uint8_images(gen_images_uint8, "generated images")
@@ -202,5 +204,5 @@ def generation_metrics(
         "num_real": len(real),
         "feature_net": f"shipped:{data_name}" if not feature_net else str(path),
         "feature_net_sha256": sha256_file(path),
-        "seconds": time.time() - t0,
+        "eval_seconds": time.time() - t0,
     }
