@@ -116,17 +116,21 @@ def generation_metrics(
     feature_net: str = "",
     device: str = "cpu",
     batch_size: int = 500,
+    progress: bool = False,
 ) -> dict:
     """FID, IS, precision/recall (torch-fidelity) and CAS of generated images against real ones.
 
     gen_images_uint8: uint8 [N, C, H, W] generated images; gen_labels: int [N] their conditioning classes;
     real_images_uint8: uint8 [M, C, H, W] real reference images (e.g. the test split). `feature_net`: '' = the
     network shipped for `data_name`, a .safetensors from scripts/train_feature_net.py, or a local
-    torch-fidelity Inception .pth (then CAS is None: Inception's classes are not ours).
+    torch-fidelity Inception .pth (then CAS is None: Inception's classes are not ours). `progress` turns on
+    torch-fidelity's own progress output (worth it for Inception on large sets).
 
     Returns {fid, is, is_std, precision, recall, f_score, cas, cas_per_class, num_generated, num_real,
-    feature_net, feature_net_sha256, seconds}. Precision: share of generated images inside the real
-    manifold; recall: share of real images inside the generated manifold (k = 3 neighbours).
+    feature_net, feature_net_sha256, eval_seconds} -- no "seconds" key, so merging it into a stage's metrics
+    keeps the stage's own time. Precision: share of generated images inside the real manifold; recall: share
+    of real images inside the generated manifold (k = 3 neighbours). FID/IS use the judge's features/logits,
+    so they compare only with numbers from the same judge (feature_net_sha256).
     """
     t0 = time.time()
     gen = _as_uint8_images(gen_images_uint8, "generated images")
@@ -173,7 +177,7 @@ def generation_metrics(
         isc_splits=max(1, min(10, n // 100)),
         cache=False,  # no files under TORCH_HOME, and no unpickling of cached features
         save_cpu_ram=True,  # no DataLoader worker processes: the data is already in memory
-        verbose=False,
+        verbose=progress,
         **layers,
     )
     if dev.type == "cuda":
@@ -200,5 +204,5 @@ def generation_metrics(
         "num_real": len(real),
         "feature_net": f"shipped:{data_name}" if not feature_net else str(path),
         "feature_net_sha256": sha256_file(path),
-        "seconds": time.time() - t0,
+        "eval_seconds": time.time() - t0,
     }
