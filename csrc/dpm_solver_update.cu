@@ -14,6 +14,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cstdint>
 
 namespace dpt_fast {
@@ -102,11 +104,18 @@ __global__ void update_kernel_packed(const T* __restrict__ xe, const O* __restri
   }
 }
 
-// Streaming multiprocessors of the current device (a host attribute query: no sync, safe during graph capture).
+// Streaming multiprocessors of the current device, queried once per device (the first call runs eagerly, before
+// any CUDA graph capture, so capture never sees the attribute query).
 int sm_count() {
-  int dev = 0, sms = 0;
+  static std::array<std::atomic<int>, 64> cache{};
+  int dev = 0;
   C10_CUDA_CHECK(cudaGetDevice(&dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  const bool cached = dev < static_cast<int>(cache.size());
+  int sms = cached ? cache[dev].load(std::memory_order_relaxed) : 0;
+  if (sms == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    if (cached) cache[dev].store(sms, std::memory_order_relaxed);
+  }
   return sms;
 }
 

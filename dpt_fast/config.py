@@ -43,15 +43,17 @@ class SplitConfig:
 @dataclass
 class Stage1Config:
     method: str = "simclr_umap"  # simclr_umap | pca_logreg
-    ssl_epochs: int = 30  # SimCLR epochs over the training images
+    ssl_epochs: int = 15  # SimCLR epochs over the training images
     ssl_batch_size: int = 256
     ssl_lr: float = 1e-3
     ssl_temperature: float = 0.2
-    feature_dim: int = 128
-    width: int = 32  # encoder CNN base width
+    feature_dim: int = 128  # SimCLR projection-head output (the backbone's features are 4 * width wide)
+    width: int = 16  # encoder CNN base width
     umap_dim: int = 10
     umap_neighbors: int = 15
-    knn_transform: int = 10  # neighbours used to embed unseen images into the UMAP space
+    umap_min_dist: float = 0.1
+    umap_epochs: int = 200  # UMAP layout epochs
+    knn_transform: int = 5  # neighbours used to embed unseen images into the UMAP space
     logreg_c: float = 1.0  # inverse L2 strength of the multinomial logistic regression
     pca_dim: int = 50  # pca_logreg only
 
@@ -348,6 +350,12 @@ def validate(cfg: Config) -> None:
         ("gen.batch_size", cfg.gen.batch_size >= 1, "must be >= 1"),
         ("gen.shard_size", cfg.gen.shard_size >= 1, "must be >= 1"),
         ("stage1.umap_dim", cfg.stage1.umap_dim >= 2, "must be >= 2"),
+        ("stage1.umap_neighbors", cfg.stage1.umap_neighbors >= 2, "must be >= 2"),
+        ("stage1.umap_epochs", cfg.stage1.umap_epochs >= 1, "must be >= 1"),
+        ("stage1.ssl_epochs", cfg.stage1.ssl_epochs >= 1, "must be >= 1"),
+        ("stage1.ssl_batch_size", cfg.stage1.ssl_batch_size >= 2, "must be >= 2"),
+        ("stage1.knn_transform", cfg.stage1.knn_transform >= 1, "must be >= 1"),
+        ("stage1.logreg_c", cfg.stage1.logreg_c > 0, "must be > 0"),
     ]
     for key, ok, what in checks:
         if not ok:

@@ -156,3 +156,37 @@ def test_decode_hook_maps_latents_to_images(tmp_path):
     _gen(tmp_path, decode=decode)
     images, _ = load_generated(tmp_path)
     assert images.shape == (15, 3, 8, 8)
+
+
+def _rank_main(rank, world, port, out_dir):
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        summary = _gen(out_dir)
+        with open(f"{out_dir}-rank{rank}.json", "w") as f:
+            json.dump(summary, f)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes
+def test_distributed_ranks_split_the_shards_and_match_a_single_process(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank_main, args=(2, port, str(tmp_path / "ddp")), nprocs=2, join=True)
+    done = [json.loads((tmp_path / f"ddp-rank{r}.json").read_text())["generated"] for r in range(2)]
+    assert done == [8, 7]  # rank 0: shards 0 and 2 (4 + 4 images), rank 1: shards 1 and 3 (4 + 3)
+    _gen(tmp_path / "single")
+    for a, b in zip(load_generated(tmp_path / "ddp"), load_generated(tmp_path / "single")):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_bad_sampler_settings_are_one_line_user_errors(tmp_path):
+    with pytest.raises(UserError, match="steps >= order"):
+        _gen(tmp_path, steps=2, order=3)
+    with pytest.raises(UserError, match="method"):
+        _gen(tmp_path, method="adaptive")

@@ -142,7 +142,7 @@ def model_wrapper(
 # Symbolic linear combinations of model values, to write the solver formulas as in the paper.
 # ----------------------------------------------------------------------------------------------
 class _Lin(dict):
-    """{model-value id: coefficient}; supports +, -, scalar * and /."""
+    """{model-value id: coefficient}; supports +, -, * scalar and / scalar."""
 
     def __add__(self, o):
         r = _Lin(self)
@@ -158,8 +158,6 @@ class _Lin(dict):
 
     def __mul__(self, s: float):
         return _Lin({k: v * s for k, v in self.items()})
-
-    __rmul__ = __mul__
 
     def __truediv__(self, s: float):
         return self * (1.0 / s)

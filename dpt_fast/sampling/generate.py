@@ -229,7 +229,7 @@ def generate(
 
     def net(x, t, y):
         if device.type == "cuda":
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):  # required under CUDA graph capture
                 return model(x, t, y)
         return model(x, t, y)
 
@@ -256,6 +256,11 @@ def generate(
                           lower_order_final=lower_order_final, denoise_to_zero=denoise_to_zero)[:b]
         return _to_uint8(decode(z) if decode is not None else z)
 
+    try:  # bad sampler settings fail here, before any work, as one-line errors
+        sampler_for(min(batch_size, n))[1]._plan(steps, None, t_end, order, skip_type, method, lower_order_final,
+                                                 denoise_to_zero, "dpmsolver")
+    except ValueError as e:
+        raise UserError(f"sample settings: {e}") from None
     n_todo = sum(shard_items(s).stop - shard_items(s).start for s in todo)
     if todo:
         log.info(f"generating {n_todo} images ({len(todo)} of {n_shards} shards{f', rank {rank}/{world}' if world > 1 else ''}) "

@@ -1,0 +1,228 @@
+"""The feature-space classifier that stages 1 and 3 share: a frozen representation + a logistic-regression head.
+
+    space = load_space(run_dir / "stage1")       # the frozen representation stage 1 learned
+    X = space.embed(images_uint8)                # [N, D] classifier inputs for any (unseen) images
+    head = fit_logreg(X_lab, y_lab, c=400.0, num_classes=10)
+    prob = head.predict_proba(space.embed(x_test))
+
+Representations (all saved as safetensors / npz / JSON, never pickled):
+- `SimclrUmapSpace`: SimCLR CNN features (L2-normalised) -> UMAP coordinates. UMAP is fitted on the training
+  images only (transductive); an unseen image is placed at the similarity-weighted mean of the UMAP coordinates
+  of its k nearest training images in SimCLR feature space, so nothing of UMAP itself needs to be persisted.
+- `PcaSpace`: PCA of the raw pixels (the simple baseline).
+- `BackboneSpace`: frozen timm backbone features, centred and L2-normalised (the paper's MSN recipe).
+
+The head is the paper's multinomial logistic regression with an L2 penalty. The paper's lambda = 0.0025 / N
+on the objective (1/N) sum(loss) + lambda/2 ||w||^2 is scikit-learn's C = 1 / (N lambda) = 400.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from ..utils import UserError, atomic_path, load_npz, read_json, save_npz, write_json
+from .encoder import ConvEncoder, encode
+
+PAPER_LOGREG_C = 400.0  # = 1 / (N * lambda) with the paper's lambda = 0.0025 / N
+
+
+# ----------------------------------------------------------------------------------------------
+# Logistic-regression head
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class LinearHead:
+    """Multinomial logistic regression: logits = X @ coef.T + intercept. coef [K, D], intercept [K]."""
+
+    coef: np.ndarray
+    intercept: np.ndarray
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(x, np.float64) @ self.coef.T.astype(np.float64) + self.intercept
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        """[N, D] -> float32 [N, K] class probabilities."""
+        z = self.logits(x)
+        z -= z.max(axis=1, keepdims=True)
+        p = np.exp(z)
+        return (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return self.logits(x).argmax(axis=1).astype(np.int64)
+
+    def save(self, path: str | Path) -> None:
+        with atomic_path(path) as tmp:
+            save_file({"coef": torch.from_numpy(np.ascontiguousarray(self.coef, np.float32)),
+                       "intercept": torch.from_numpy(np.ascontiguousarray(self.intercept, np.float32))}, str(tmp))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LinearHead":
+        t = load_file(str(path))
+        return cls(t["coef"].numpy(), t["intercept"].numpy())
+
+
+def fit_logreg(x: np.ndarray, y: np.ndarray, c: float, num_classes: int,
+               sample_weight: np.ndarray | None = None, max_iter: int = 1000) -> LinearHead:
+    """Multinomial L2-penalised logistic regression (lbfgs): min C * sum_i w_i loss_i + 1/2 ||coef||^2.
+
+    x: [N, D] float, y: int64 [N] in [0, num_classes). A class absent from y gets a zero row and a very
+    negative intercept (never predicted), so the head always has num_classes outputs.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    present = np.unique(y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # lbfgs convergence notes on tiny labelled sets
+        clf = LogisticRegression(C=c, max_iter=max_iter, tol=1e-6)
+        clf.fit(np.asarray(x, np.float64), y, sample_weight=sample_weight)
+    d = x.shape[1]
+    coef = np.zeros((num_classes, d), np.float64)
+    intercept = np.full(num_classes, -1e4, np.float64)
+    if len(present) == 1:  # sklearn refuses one class; a constant head is the honest answer
+        intercept[present[0]] = 0.0
+        return LinearHead(coef, intercept)
+    if len(present) == 2:  # sklearn's binary parametrisation: one row for the positive class
+        coef[present[1]], intercept[present[1]] = clf.coef_[0], clf.intercept_[0]
+        intercept[present[0]] = 0.0
+        return LinearHead(coef, intercept)
+    coef[clf.classes_] = clf.coef_
+    intercept[clf.classes_] = clf.intercept_
+    return LinearHead(coef, intercept)
+
+
+# ----------------------------------------------------------------------------------------------
+# Frozen representations
+# ----------------------------------------------------------------------------------------------
+class Space(Protocol):
+    """A frozen, label-free map from images to classifier inputs, saved in (and loaded from) a directory."""
+
+    kind: str
+
+    def embed(self, images: np.ndarray, progress: bool = False) -> np.ndarray:
+        """uint8 images [N, C, H, W] -> float32 [N, D]."""
+
+    def save(self, directory: Path) -> None: ...
+
+
+def knn_embed(feats: np.ndarray, ref_feats: np.ndarray, ref_coords: np.ndarray, k: int,
+              temperature: float = 0.05, batch_size: int = 1024) -> np.ndarray:
+    """Place new points among reference points: the softmax(cos / temperature)-weighted mean of the
+    coordinates of their k most cosine-similar reference points.
+
+    feats [M, D] and ref_feats [N, D] are L2-normalised; ref_coords [N, d]; returns float32 [M, d].
+    This is how unseen images enter the UMAP space that was fitted on the training images.
+    """
+    k = min(k, len(ref_feats))
+    ref = torch.from_numpy(np.ascontiguousarray(ref_feats, np.float32))
+    coords = torch.from_numpy(np.ascontiguousarray(ref_coords, np.float32))
+    out = []
+    for i in range(0, len(feats), batch_size):
+        sim = torch.from_numpy(np.ascontiguousarray(feats[i:i + batch_size], np.float32)) @ ref.T
+        top, idx = sim.topk(k, dim=1)
+        w = torch.softmax(top / temperature, dim=1)
+        out.append((w.unsqueeze(-1) * coords[idx]).sum(1))
+    return torch.cat(out).numpy() if out else np.zeros((0, ref_coords.shape[1]), np.float32)
+
+
+class SimclrUmapSpace:
+    """SimCLR encoder features -> UMAP coordinates (fitted on the training images; unseen images by kNN)."""
+
+    kind = "simclr_umap"
+
+    def __init__(self, encoder: ConvEncoder, encoder_meta: dict, train_feats: np.ndarray,
+                 train_coords: np.ndarray, knn: int, device: torch.device | str = "cpu", fingerprint: str = ""):
+        self.encoder, self.encoder_meta = encoder.eval(), encoder_meta
+        self.train_feats, self.train_coords = train_feats, train_coords
+        self.knn, self.device = knn, device
+        self.fingerprint = fingerprint  # of the config that made the encoder + UMAP (lets stage 1 reuse them)
+
+    def features(self, images: np.ndarray) -> np.ndarray:
+        """L2-normalised SimCLR backbone features, float32 [N, encoder.dim]."""
+        return encode(self.encoder.to(self.device), images, device=self.device)
+
+    def embed(self, images: np.ndarray, progress: bool = False) -> np.ndarray:
+        return knn_embed(self.features(images), self.train_feats, self.train_coords, self.knn)
+
+    def save(self, directory: Path) -> None:
+        save_encoder(self.encoder, self.encoder_meta, directory / "encoder.safetensors")
+        save_npz(directory / "space.npz", train_features=self.train_feats, train_coords=self.train_coords)
+        write_json(directory / "space.json", {"kind": self.kind, "knn": self.knn, "fingerprint": self.fingerprint})
+
+    @classmethod
+    def load(cls, directory: Path, meta: dict, device: torch.device | str = "cpu") -> "SimclrUmapSpace":
+        encoder, enc_meta = load_encoder(directory / "encoder.safetensors")
+        arrays = load_npz(directory / "space.npz", ("train_features", "train_coords"))
+        return cls(encoder, enc_meta, arrays["train_features"], arrays["train_coords"], int(meta["knn"]), device,
+                   meta.get("fingerprint", ""))
+
+
+class PcaSpace:
+    """PCA of the pixels in [0, 1]: X = (x - mean) @ components.T (the simple baseline)."""
+
+    kind = "pca"
+
+    def __init__(self, mean: np.ndarray, components: np.ndarray):
+        self.mean, self.components = mean.astype(np.float32), components.astype(np.float32)
+
+    @classmethod
+    def fit(cls, images: np.ndarray, dim: int, seed: int = 0) -> "PcaSpace":
+        from sklearn.decomposition import PCA
+
+        x = images.reshape(len(images), -1).astype(np.float32) / 255.0
+        pca = PCA(n_components=min(dim, *x.shape), random_state=seed).fit(x)
+        return cls(pca.mean_, pca.components_)
+
+    def embed(self, images: np.ndarray, progress: bool = False) -> np.ndarray:
+        x = images.reshape(len(images), -1).astype(np.float32) / 255.0
+        return (x - self.mean) @ self.components.T
+
+    def save(self, directory: Path) -> None:
+        save_npz(directory / "space.npz", mean=self.mean, components=self.components)
+        write_json(directory / "space.json", {"kind": self.kind})
+
+    @classmethod
+    def load(cls, directory: Path, meta: dict, device: torch.device | str = "cpu") -> "PcaSpace":
+        a = load_npz(directory / "space.npz", ("mean", "components"))
+        return cls(a["mean"], a["components"])
+
+
+def save_encoder(model: ConvEncoder, meta: dict, path: Path) -> None:
+    """Encoder weights + its constructor arguments (safetensors metadata holds the JSON)."""
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp),
+                  metadata={"meta": json.dumps(meta, sort_keys=True)})
+
+
+def load_encoder(path: Path) -> tuple[ConvEncoder, dict]:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise UserError(f"{path} is missing: run `python -m dpt_fast.stage --stage 1` first")
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+    model = ConvEncoder(meta["in_chans"], meta["width"], meta["feature_dim"])
+    model.load_state_dict(load_file(str(path)))
+    return model.eval(), meta
+
+
+_SPACES = {"simclr_umap": SimclrUmapSpace, "pca": PcaSpace}
+
+
+def load_space(directory: str | Path, device: torch.device | str = "cpu") -> Space:
+    """The representation stage 1 saved in `directory` (its space.json names the kind)."""
+    directory = Path(directory)
+    path = directory / "space.json"
+    if not path.is_file():
+        raise UserError(f"{path} is missing: run `python -m dpt_fast.stage --stage 1` first")
+    meta = read_json(path)
+    kind = meta.get("kind")
+    if kind not in _SPACES:
+        raise UserError(f"{path}: unknown representation kind {kind!r}; re-run --stage 1 with this version")
+    return _SPACES[kind].load(directory, meta, device)
