@@ -124,14 +124,15 @@ class Block(nn.Module):
     def _forward(self, x: torch.Tensor, skip: Optional[torch.Tensor], c: Optional[torch.Tensor]) -> torch.Tensor:
         if self.skip_linear is not None:
             x = self.skip_linear(torch.cat([x, skip], dim=-1))
+        # The attention branch's residual add is fused with norm2 (one pass over x instead of two).
         if self.adaLN_modulation is None:
-            x = x + self.attn(ops.layer_norm(x, self.norm1.weight, self.norm1.bias, self.norm1.eps))
-            return x + self.mlp(ops.layer_norm(x, self.norm2.weight, self.norm2.bias, self.norm2.eps))
-        mod = self.adaLN_modulation(c)  # [B, 6D]
-        shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
+            h = ops.layer_norm(x, self.norm1.weight, self.norm1.bias, self.norm1.eps)
+            x, h = ops.add_layer_norm(x, self.attn(h), self.norm2.weight, self.norm2.bias, self.norm2.eps)
+            return x + self.mlp(h)
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)  # each [B, D]
         h = ops.layer_norm(x, None, None, self.norm1.eps, shift=shift1, scale=scale1)
-        x = x + gate1[:, None] * self.attn(h)
-        h = ops.layer_norm(x, None, None, self.norm2.eps, shift=shift2, scale=scale2)
+        x, h = ops.add_layer_norm(x, self.attn(h), None, None, self.norm2.eps, gate=gate1, shift=shift2,
+                                  scale=scale2)
         return x + gate2[:, None] * self.mlp(h)
 
 
