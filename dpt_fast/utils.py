@@ -18,6 +18,9 @@ import torch
 
 log = logging.getLogger("dpt_fast")
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 class UserError(Exception):
     """A problem the user can fix (bad input, missing stage output, bad key).
@@ -43,6 +46,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give them the usual permissions
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -65,3 +65,16 @@ def test_run_dir_config_is_reused_without_repeating_overrides(run_dir, capsys):
     again, _ = resolve(_parse(["--stage", "2", "--run-dir", str(run_dir), "train.steps=5"]))
     assert again.seed == 7 and again.data.name == "digits" and again.train.steps == 5
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["seed"] == 7
+
+
+def test_atomic_writes_get_normal_permissions(tmp_path):
+    import os
+    import stat
+
+    from dpt_fast.utils import write_json
+
+    write_json(tmp_path / "a.json", {"x": 1})
+    mode = stat.S_IMODE(os.stat(tmp_path / "a.json").st_mode)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o666 & ~umask

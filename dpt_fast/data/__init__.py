@@ -1,6 +1,9 @@
 """Data sets and label splits.
 
-`load_dataset(cfg.data)` returns an `ArrayDataset` (uint8 NCHW arrays in memory) for the embedded sets.
+`load_dataset(cfg.data)` returns an `ArrayDataset` (uint8 NCHW arrays in memory): the embedded sets
+(mnist5k, digits), CIFAR-10 python batches (cifar10), MNIST idx files (mnist_idx) and small ImageFolders
+decoded at `data.image_size` (imagefolder). Large ImageFolders are prepared once into memory-mapped shards
+(`python -m dpt_fast.data.prepare`) and read with `dpt_fast.data.latents.LatentDataset` (data.name=latents).
 """
 from __future__ import annotations
 
@@ -8,9 +11,20 @@ import torch
 
 from ..utils import UserError
 from .embedded import ArrayDataset, load_digits, load_mnist5k
-from .splits import labelled_indices, load_split, save_split
+from .splits import labelled_indices, load_split, read_subset_file, save_split, select_labelled, write_subset_file
 
-__all__ = ["ArrayDataset", "load_dataset", "labelled_indices", "load_split", "save_split", "to_float", "to_uint8"]
+__all__ = [
+    "ArrayDataset",
+    "load_dataset",
+    "labelled_indices",
+    "load_split",
+    "save_split",
+    "read_subset_file",
+    "write_subset_file",
+    "select_labelled",
+    "to_float",
+    "to_uint8",
+]
 
 
 def load_dataset(data_cfg) -> ArrayDataset:
@@ -20,7 +34,25 @@ def load_dataset(data_cfg) -> ArrayDataset:
         return load_mnist5k()
     if name == "digits":
         return load_digits()
-    raise UserError(f"data.name={name} is not available yet; use data.name=mnist5k or data.name=digits")
+    if name in ("cifar10", "mnist_idx", "imagefolder") and not data_cfg.root:
+        raise UserError(f"data.name={name} needs data.root=DIR (the folder holding the data set)")
+    if name == "cifar10":
+        from .cifar import load_cifar10
+
+        return load_cifar10(data_cfg.root)
+    if name == "mnist_idx":
+        from .mnist_idx import load_mnist_idx
+
+        return load_mnist_idx(data_cfg.root)
+    if name == "imagefolder":
+        from .imagefolder import load_imagefolder
+
+        return load_imagefolder(data_cfg)
+    if name == "latents":
+        raise UserError(
+            "data.name=latents holds VAE latents, not images: read it with dpt_fast.data.latents.LatentDataset(data.root)"
+        )
+    raise UserError(f"data.name={name} is unknown; use mnist5k, digits, cifar10, mnist_idx, imagefolder or latents")
 
 
 def to_float(x_uint8) -> torch.Tensor:
