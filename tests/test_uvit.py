@@ -245,3 +245,14 @@ def test_cuda_bf16_kernels_inductor_and_reference_agree(monkeypatch, conditionin
     for got in (run(m), run(torch.compile(m))):
         for a, b in zip(got, ref):
             assert ((a - b).abs().max() / b.abs().max()).item() < 3e-2
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(conditioning="adaln", mlp_time_embed=True), dict(conv=False, skip=False)])
+def test_forward_flops_matches_torch_flop_counter(kw):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    m = tiny(**kw)
+    x, t, y = inputs(B=1)
+    with FlopCounterMode(display=False) as counter:
+        m(x, t, y)
+    assert m.forward_flops() == counter.get_total_flops()
