@@ -241,8 +241,13 @@ def test_missing_or_foreign_file_is_a_user_error(tmp_path):
         load_official_uvit(tensor_only)
 
 
-def test_convert_cli_bad_input_exits_2_with_one_line(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "dpt_fast.convert", str(tmp_path / "none.pth"),
-                        str(tmp_path / "o.safetensors")], capture_output=True, text=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no such checkpoint file" in r.stderr
+def test_convert_cli_bad_input_exits_2_with_one_line(tmp_path, capsys):
+    from dpt_fast.convert import main
+
+    assert main([str(tmp_path / "none.pth"), str(tmp_path / "o.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "no such checkpoint file" in err
+    src = tmp_path / "nnet.pth"
+    torch.save(make_reference("digits_cond").state_dict(), src)
+    assert main([str(src), str(tmp_path / "o.bin"), "--num-heads", "2"]) == 2
+    assert "must end in .safetensors" in capsys.readouterr().err
