@@ -137,7 +137,6 @@ def _evaluate(cfg: Config, rd: RunDir, data, device: torch.device) -> dict:
     t0 = time.time()
     if cfg.eval.fid:
         m = generation_metrics(images, labels, real, cfg.data.name, feature_net=cfg.eval.feature_net, device=str(device))
-        m.pop("seconds", None)
     else:  # CAS only: the share of generated images the feature network puts in their conditioning class
         from ..eval import load_feature_net, per_class_accuracy, shipped_feature_net, top1
         from ..eval.feature_nets import predict
