@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 import dpt_fast.stages.stage2 as stage2
 from dpt_fast.config import load_config
@@ -100,3 +101,37 @@ def test_checkpoints_of_another_config_are_a_one_line_error_naming_fresh(rd):
 def test_stage2_without_pseudo_labels_names_stage_1(run_dir):
     with pytest.raises(UserError, match="--stage 1"):
         stage2.run(_cfg(), RunDir(run_dir), progress=False)
+
+
+def test_stage2_trains_on_vae_latents_and_decodes_what_it_generates(tmp_path):
+    """data.name=latents: train on prepared latents (tiny random VAE), generate latents, save decoded images."""
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    from dpt_fast.data.latents import LatentDataset, prepare_shards
+
+    root = tmp_path / "imgs"
+    rng = np.random.default_rng(0)
+    for c, level in (("a", 60), ("b", 190)):
+        (root / c).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(np.clip(level + rng.normal(0, 20, (16, 16, 3)), 0, 255).astype(np.uint8)).save(root / c / f"{i}.png")
+    torch.manual_seed(0)
+    AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4, norm_num_groups=8,
+                  sample_size=16).save_pretrained(tmp_path / "vae")
+    prepare_shards(root, tmp_path / "lat", vae_path=str(tmp_path / "vae"), resolution=16, shard_size=4, batch_size=4,
+                   dtype="float32", device="cpu", progress=False)
+
+    cfg = load_config("digits", ["data.name=latents", f"data.root={tmp_path / 'lat'}", "model.img_size=8",
+                                 "model.in_chans=4", *TINY[:2], "train.steps=2", "train.batch_size=4", "sample.steps=2",
+                                 "gen.k_per_class=2", "gen.batch_size=4"])
+    rd = RunDir(tmp_path / "run")
+    labels = LatentDataset(tmp_path / "lat").labels
+    save_npz(rd.pseudo_labels, index=np.arange(len(labels)), label=labels, prob=np.ones(len(labels), np.float32))
+    metrics = stage2.run(cfg, rd, progress=False)
+
+    images, gen_labels = load_generated(rd.generated)
+    assert images.shape == (4, 3, 16, 16) and images.dtype == np.uint8 and sorted(gen_labels.tolist()) == [0, 0, 1, 1]
+    assert list_checkpoints(rd.checkpoints)[-1] == 2 and rd.samples_png.exists()
+    assert metrics["cas"] is None and metrics["train_steps"] == 2  # no feature network for latents: metrics skipped
