@@ -86,6 +86,7 @@ class DiffusionConfig:
     discrete_beta_start: float = 0.00085
     discrete_beta_end: float = 0.012
     num_timesteps: int = 1000
+    prediction: str = "eps"  # eps (the paper's) | v: what the network predicts (v = alpha eps - sigma x0)
 
 
 @dataclass
@@ -171,6 +172,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "stage1.method": ("simclr_umap", "pca_logreg"),
     "model.conditioning": ("token", "adaln"),
     "diffusion.schedule": ("linear", "discrete"),
+    "diffusion.prediction": ("eps", "v"),
     "train.precision": ("auto", "fp32", "bf16"),
     "sample.method": ("multistep", "singlestep", "singlestep_fixed"),
     "sample.algorithm": ("dpmsolver", "dpmsolver++"),

@@ -9,6 +9,7 @@ from dpt_fast.config import load_config
 from dpt_fast.diffusion import make_schedule, model_time
 from dpt_fast.diffusion.checkpoint import list_checkpoints
 from dpt_fast.diffusion.train import (
+    EpsFromV,
     batch_indices,
     diffusion_loss,
     draw_step,
@@ -215,3 +216,33 @@ def test_checkpoint_of_another_config_is_refused(tmp_path):
     _train(cfg, tmp_path)
     with pytest.raises(UserError, match="--fresh"):
         _train(cfg, tmp_path, fingerprint="other")
+
+
+@pytest.mark.parametrize("schedule", ["linear", "discrete"])
+def test_v_prediction_loss_and_its_eps_view(schedule):
+    """With x0 = 0: v = alpha eps, and the eps view of the exact v-predictor is the exact eps-predictor."""
+    sch = make_schedule(load_config("digits", [f"diffusion.schedule={schedule}"]).diffusion)
+    scale = 999.0 if schedule == "linear" else 1000.0
+
+    def v_oracle(x_t, time, y):
+        t = (time / scale).view(-1, 1, 1, 1)
+        return sch.marginal_alpha(t) * x_t / sch.marginal_std(t)
+
+    g = torch.Generator().manual_seed(0)
+    t = sample_time(sch, 64, g, torch.device("cpu"))
+    noise = torch.randn(64, 1, 8, 8, generator=g)
+    zero = torch.zeros(64, 1, 8, 8)
+    assert diffusion_loss(v_oracle, zero, None, t, noise, sch, prediction="v").item() < 1e-8
+    assert diffusion_loss(v_oracle, zero, None, t, noise, sch, prediction="eps").item() > 0.1
+    x_t = sch.marginal_std(t).view(-1, 1, 1, 1) * noise
+    eps = EpsFromV(_Lambda(v_oracle), sch)(x_t, model_time(sch, t), None)
+    torch.testing.assert_close(eps, noise, rtol=1e-4, atol=1e-4)
+
+
+class _Lambda(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(*args)

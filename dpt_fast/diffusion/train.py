@@ -184,15 +184,41 @@ def make_optimizer(model: nn.Module, tcfg, device: torch.device) -> torch.optim.
 
 
 def diffusion_loss(
-    model: nn.Module, x0: torch.Tensor, y: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, schedule: NoiseScheduleVP
+    model: nn.Module, x0: torch.Tensor, y: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, schedule: NoiseScheduleVP,
+    prediction: str = "eps",
 ) -> torch.Tensor:
-    """Epsilon-prediction MSE. x0, noise: [B, C, H, W]; y: int64 [B]; t: [B] in (0, 1]. Scalar, fp32."""
+    """Plain MSE of the model's prediction. x0, noise: [B, C, H, W]; y: int64 [B]; t: [B] in (0, 1]. Scalar, fp32.
+
+    prediction 'eps' (the paper's): target eps. 'v' (Salimans & Ho 2022): target v = alpha eps - sigma x0, the same
+    loss as eps-prediction weighted by (1 + SNR) / SNR, which puts far more weight on the high-noise times where
+    a model learns the global shape of an image and its class.
+    """
     shape = (-1,) + (1,) * (x0.ndim - 1)
     alpha = schedule.marginal_alpha(t).view(shape).to(x0.dtype)
     sigma = schedule.marginal_std(t).view(shape).to(x0.dtype)
     x_t = alpha * x0 + sigma * noise
     pred = model(x_t, model_time(schedule, t), y)
-    return F.mse_loss(pred.float(), noise.float())
+    target = noise if prediction == "eps" else alpha * noise - sigma * x0
+    return F.mse_loss(pred.float(), target.float())
+
+
+class EpsFromV(nn.Module):
+    """A v-prediction model seen as an eps-prediction one (eps = alpha v + sigma x_t), for the samplers."""
+
+    def __init__(self, model: nn.Module, schedule: NoiseScheduleVP):
+        super().__init__()
+        self.model, self.schedule = model, schedule
+        self.time_scale = float(model_time(schedule, torch.ones(())))  # model_time is t times this
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        t = (timesteps.float() / self.time_scale).view(-1, *([1] * (x.ndim - 1)))
+        alpha, sigma = self.schedule.marginal_alpha(t).to(x.dtype), self.schedule.marginal_std(t).to(x.dtype)
+        return alpha * self.model(x, timesteps, y) + sigma * x
+
+
+def as_eps_model(model: nn.Module, schedule: NoiseScheduleVP, prediction: str) -> nn.Module:
+    """The eps-prediction view of a model trained with `prediction` ('eps' or 'v')."""
+    return model if prediction == "eps" else EpsFromV(model, schedule)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
@@ -236,6 +262,7 @@ def train_diffusion(
     log_dir: str | Path | None = None,
     progress: bool = True,
     on_step: Callable[[int], None] | None = None,
+    prediction: str = "eps",
 ) -> TrainResult:
     """Train `model` for `tcfg.steps` steps in total, resuming from the newest checkpoint in `ckpt_dir`.
 
@@ -245,7 +272,8 @@ def train_diffusion(
     `fingerprint` identifies everything the weights depend on except the step count: a checkpoint with
     another one is refused (UserError). `log_dir` receives train_history.json and TensorBoard scalars (tb/).
     Under torch.distributed every rank calls this with the same arguments; `tcfg.batch_size` is the global
-    batch. `on_step(step)` is called after each step (tests use it to interrupt a run).
+    batch. `on_step(step)` is called after each step (tests use it to interrupt a run). `prediction`: the
+    model's target, 'eps' or 'v' (see `diffusion_loss`).
     """
     rank, world = dist_rank_world()
     if tcfg.batch_size % world:
@@ -340,7 +368,7 @@ def train_diffusion(
             x0 = x(d.index, torch.Generator().manual_seed(step_seed(seed, _STREAM_DATA, step, lo)), device)
         yb = torch.where(d.drop, torch.full_like(y[:1], num_classes), y[d.index.to(device)])
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss = diffusion_loss(net, x0, yb, d.t, d.noise, schedule)
+            loss = diffusion_loss(net, x0, yb, d.t, d.noise, schedule, prediction)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if tcfg.grad_clip > 0:

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from ..config import Config
 from ..data import load_dataset, to_float
 from ..diffusion import make_schedule
-from ..diffusion.train import BatchSource, setup_distributed, train_diffusion
+from ..diffusion.train import BatchSource, as_eps_model, setup_distributed, train_diffusion
 from ..models import build_uvit
 from ..sampling import generate, load_generated
 from ..utils import UserError, load_npz, log, resolve_device, seed_everything
@@ -147,11 +147,12 @@ def run(cfg: Config, rd: RunDir, progress: bool = True) -> dict:
     fp = train_fingerprint(cfg, labels)
 
     res = train_diffusion(model, data.x, labels, schedule, cfg.train, num_classes=num_classes, seed=cfg.seed,
-                          ckpt_dir=rd.checkpoints, fingerprint=fp, device=device, log_dir=rd.stage(2), progress=progress)
+                          ckpt_dir=rd.checkpoints, fingerprint=fp, device=device, log_dir=rd.stage(2), progress=progress,
+                          prediction=cfg.diffusion.prediction)
     data.x = None  # free the training set before sampling
 
     s = cfg.sample
-    gen = generate(res.ema, schedule, list(range(num_classes)), cfg.gen.k_per_class, data.shape, rd.generated,
+    gen = generate(as_eps_model(res.ema, schedule, cfg.diffusion.prediction), schedule, list(range(num_classes)), cfg.gen.k_per_class, data.shape, rd.generated,
                    null_class=num_classes, cfg_scale=s.cfg_scale, steps=s.steps, order=s.order, method=s.method,
                    algorithm=s.algorithm, skip_type=s.skip_type, batch_size=cfg.gen.batch_size,
                    shard_size=cfg.gen.shard_size, seed=cfg.seed, device=device, backend=s.backend,
