@@ -7,6 +7,8 @@ logistic regression fitted on the labelled images only. Methods (`stage1.method`
   reduced by UMAP (fitted on the training images); unseen images (test, generated) are placed in the UMAP space
   by a kNN in SimCLR feature space (see `models.classifier.SimclrUmapSpace`).
 - pca_logreg: PCA of the pixels + logistic regression (the simple baseline).
+- features (real data, the paper's recipe): frozen timm backbone features (rows centred, L2-normalised) +
+  logistic regression with the paper's lambda = 0.0025 / N (C = 400).
 
 Outputs (run directory contract + what stage 3 needs, no pickle):
     split.json                      the labelled training indices
@@ -33,8 +35,9 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..config import Config
-from ..data import ArrayDataset, labelled_indices, load_dataset, save_split
-from ..models.classifier import PcaSpace, SimclrUmapSpace, fit_logreg, load_encoder, save_encoder
+from ..data import ArrayDataset, load_dataset, save_split, select_labelled
+from ..models.classifier import (PAPER_LOGREG_C, BackboneSpace, PcaSpace, SimclrUmapSpace, fit_logreg, load_encoder,
+                                 save_encoder)
 from ..models.encoder import ConvEncoder, augment, encode, nt_xent
 from ..utils import UserError, atomic_path, log, read_json, resolve_device, save_npz
 from .rundir import RunDir
@@ -214,10 +217,18 @@ def _simclr_umap_space(cfg: Config, ds: ArrayDataset, out: Path, progress: bool,
 # ----------------------------------------------------------------------------------------------
 # The stage
 # ----------------------------------------------------------------------------------------------
-def _labelled(cfg: Config, y: np.ndarray) -> np.ndarray:
-    if cfg.split.subset_file:
-        raise UserError("split.subset_file is not supported by stage 1 yet; use split.labels_per_class or split.fraction")
-    return labelled_indices(y, cfg.split.labels_per_class, cfg.split.fraction, cfg.split.seed)
+def logreg_c(cfg: Config) -> float:
+    """stage1.logreg_c, or the method's default when it is 0 (see config.Stage1Config)."""
+    if cfg.stage1.logreg_c > 0:
+        return cfg.stage1.logreg_c
+    return PAPER_LOGREG_C if cfg.stage1.method == "features" else 1.0
+
+
+def _labelled(cfg: Config, ds: ArrayDataset) -> np.ndarray:
+    """The labelled training indices: k per class, a fraction, or a subset list (ImageFolder file names)."""
+    files = getattr(ds, "train_files", None) or None
+    skipped = [s["file"] for s in getattr(ds, "skipped", [])]
+    return select_labelled(cfg.split, ds.y_train, files, skipped)
 
 
 def run(cfg: Config, rd: RunDir, progress: bool = True) -> dict:
@@ -229,7 +240,7 @@ def run(cfg: Config, rd: RunDir, progress: bool = True) -> dict:
     device = resolve_device(cfg.device)
     ds = load_dataset(cfg.data)
     y = ds.y_train
-    labelled = _labelled(cfg, y)
+    labelled = _labelled(cfg, ds)
     save_split(rd.split, labelled, len(y), labels_per_class=cfg.split.labels_per_class,
                fraction=cfg.split.fraction, seed=cfg.split.seed, data=cfg.data.name)
 
@@ -239,11 +250,16 @@ def run(cfg: Config, rd: RunDir, progress: bool = True) -> dict:
     elif s1.method == "pca_logreg":
         space = PcaSpace.fit(ds.x_train, s1.pca_dim, cfg.seed)
         x_train = space.embed(ds.x_train)
-    else:  # config validation keeps this unreachable
-        raise UserError(f"stage1.method={s1.method} is not implemented")
+    else:  # features
+        if not s1.backbone:
+            raise UserError("stage1.method=features needs stage1.backbone=<timm model name> and stage1.backbone_weights=FILE")
+        space = BackboneSpace(s1.backbone, s1.backbone_weights, device, s1.backbone_image_size)
+        log.info("stage 1: %s features of %d training images on %s", s1.backbone, len(y), device)
+        x_train = space.embed(ds.x_train, progress=progress)
     space.save(out)
 
-    head = fit_logreg(x_train[labelled], y[labelled], s1.logreg_c, ds.num_classes)
+    c = logreg_c(cfg)
+    head = fit_logreg(x_train[labelled], y[labelled], c, ds.num_classes)
     head.save(out / "head.safetensors")
     prob = head.predict_proba(x_train)
     label, conf = prob.argmax(1).astype(np.int64), prob.max(1).astype(np.float32)
@@ -255,6 +271,7 @@ def run(cfg: Config, rd: RunDir, progress: bool = True) -> dict:
     unl = np.setdiff1d(np.arange(len(y)), labelled)
     return {
         "method": s1.method,
+        "logreg_c": c,
         "pseudo_label_accuracy": float((label == y).mean()),
         "unlabelled_accuracy": float((label[unl] == y[unl]).mean()),
         "labelled_fit_accuracy": fits_labels,
