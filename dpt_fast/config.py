@@ -43,12 +43,12 @@ class SplitConfig:
 @dataclass
 class Stage1Config:
     method: str = "simclr_umap"  # simclr_umap | pca_logreg | features (frozen timm backbone, the paper's recipe)
-    ssl_epochs: int = 15  # SimCLR epochs over the training images
+    ssl_epochs: int = 20  # SimCLR epochs over the training images
     ssl_batch_size: int = 256
     ssl_lr: float = 1e-3
     ssl_temperature: float = 0.2
     feature_dim: int = 128  # SimCLR projection-head output (the backbone's features are 4 * width wide)
-    width: int = 16  # encoder CNN base width
+    width: int = 24  # encoder CNN base width
     umap_dim: int = 10
     umap_neighbors: int = 15
     umap_min_dist: float = 0.1
