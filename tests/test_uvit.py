@@ -201,3 +201,58 @@ def test_build_uvit_resolves_paper_alias_and_rejects_unknown_preset():
         build_uvit(load_config("digits", ["model.preset=uvit_nope"]).model, 11)
     with pytest.raises(UserError, match="num_heads"):
         build_uvit(load_config("digits", ["model.num_heads=5"]).model, 11)
+
+
+def test_torch_compile_traces_the_whole_model_without_graph_breaks():
+    # aot_eager: dynamo + AOTAutograd as with Inductor, without minutes of C++ codegen on CPU.
+    m = tiny()
+    x, t, y = inputs()
+    compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
+    out = compiled(x, t, y)
+    torch.testing.assert_close(out, m(x, t, y))
+    out.square().mean().backward()
+    assert m.pos_embed.grad is not None
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("conditioning", ["token", "adaln"])
+def test_cuda_bf16_kernels_inductor_and_reference_agree(monkeypatch, conditioning):
+    torch.manual_seed(0)
+    m = UViT(img_size=32, patch_size=2, in_chans=4, embed_dim=288, depth=4, num_heads=4, num_classes=11,
+             conditioning=conditioning).cuda()
+    if conditioning == "adaln":
+        with torch.no_grad():
+            for p in m.parameters():
+                if p.dim() > 0 and p.abs().sum() == 0:
+                    p.normal_(0, 0.02)
+    x, t, y = torch.randn(8, 4, 32, 32, device="cuda"), torch.rand(8, device="cuda") * 999, \
+        torch.randint(0, 11, (8,), device="cuda")
+
+    def run(model):
+        m.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(x, t, y)
+        out.float().square().mean().backward()
+        return out.float(), m.in_blocks[0].attn.qkv.weight.grad.clone()
+
+    monkeypatch.setenv("DPT_FAST_KERNELS", "reference")
+    ref = run(m)
+    monkeypatch.setenv("DPT_FAST_KERNELS", "auto")  # Triton kernels on CUDA
+    for got in (run(m), run(torch.compile(m))):
+        for a, b in zip(got, ref):
+            assert ((a - b).abs().max() / b.abs().max()).item() < 3e-2
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(conditioning="adaln", mlp_time_embed=True), dict(conv=False, skip=False)])
+def test_forward_flops_matches_torch_flop_counter(kw):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    m = tiny(**kw)
+    x, t, y = inputs(B=1)
+    with FlopCounterMode(display=False) as counter:
+        m(x, t, y)
+    assert m.forward_flops() == counter.get_total_flops()

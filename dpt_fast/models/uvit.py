@@ -124,14 +124,15 @@ class Block(nn.Module):
     def _forward(self, x: torch.Tensor, skip: Optional[torch.Tensor], c: Optional[torch.Tensor]) -> torch.Tensor:
         if self.skip_linear is not None:
             x = self.skip_linear(torch.cat([x, skip], dim=-1))
+        # The attention branch's residual add is fused with norm2 (one pass over x instead of two).
         if self.adaLN_modulation is None:
-            x = x + self.attn(ops.layer_norm(x, self.norm1.weight, self.norm1.bias, self.norm1.eps))
-            return x + self.mlp(ops.layer_norm(x, self.norm2.weight, self.norm2.bias, self.norm2.eps))
-        mod = self.adaLN_modulation(c)  # [B, 6D]
-        shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
+            h = ops.layer_norm(x, self.norm1.weight, self.norm1.bias, self.norm1.eps)
+            x, h = ops.add_layer_norm(x, self.attn(h), self.norm2.weight, self.norm2.bias, self.norm2.eps)
+            return x + self.mlp(h)
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)  # each [B, D]
         h = ops.layer_norm(x, None, None, self.norm1.eps, shift=shift1, scale=scale1)
-        x = x + gate1[:, None] * self.attn(h)
-        h = ops.layer_norm(x, None, None, self.norm2.eps, shift=shift2, scale=scale2)
+        x, h = ops.add_layer_norm(x, self.attn(h), None, None, self.norm2.eps, gate=gate1, shift=shift2,
+                                  scale=scale2)
         return x + gate2[:, None] * self.mlp(h)
 
 
@@ -215,6 +216,24 @@ class UViT(nn.Module):
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed"}
+
+    def forward_flops(self) -> int:
+        """Matmul FLOPs of one forward pass for one image (a training step costs ~3x): the usual
+        model-FLOP count for utilisation (MFU), ignoring elementwise ops, norms and softmax."""
+        D, L = self.embed_dim, self.pos_embed.shape[1]
+        hidden = self.mid_block.mlp.fc1.out_features
+        per_block = 2 * L * D * 3 * D + 2 * 2 * L * L * D + 2 * L * D * D + 2 * 2 * L * D * hidden
+        skips = sum(b.skip_linear is not None for b in self.out_blocks) * 2 * L * 2 * D * D
+        adaln = sum(b.adaLN_modulation is not None for b in self.blocks()) * 2 * D * 6 * D
+        patches = (self.img_size // self.patch_size) ** 2
+        io = 2 * patches * D * self.patch_dim + 2 * L * D * self.patch_dim  # patch embedding, decoder_pred
+        if isinstance(self.final_layer, nn.Conv2d):
+            io += 2 * self.in_chans * self.in_chans * 9 * self.img_size ** 2
+        if isinstance(self.time_embed, nn.Sequential):
+            io += 2 * 2 * D * 4 * D
+        if self.final_adaLN_modulation is not None:
+            io += 2 * D * 2 * D
+        return len(self.blocks()) * per_block + skips + adaln + io
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x [B, C, H, W], timesteps [B] (float, used as given), y [B] int64 class (num_classes-1 = null)."""

@@ -1,0 +1,217 @@
+"""Stage 2 of DPT: a class-conditional U-ViT trained on all training images with their stage-1 pseudo-labels,
+then K generated images per class (DPM-Solver++ with classifier-free guidance).
+
+Reads   stage1/pseudo_labels.npz (index, label, prob)
+Writes  stage2/checkpoints/      resumable model / EMA / optimizer checkpoints (latest + train.keep_checkpoints)
+        stage2/generated/        K images per class, sharded npz with their classes (dpt_fast.sampling.generate)
+        stage2/train_history.json, stage2/tb/   loss and LR curves (JSON for the report, TensorBoard)
+        samples.png              one row per class
+and returns the metrics (FID / IS / precision / recall / CAS against the real test images, generation
+images/s, training steps/s, timings) that the driver writes to stage2/metrics.json.
+
+Re-running continues: training resumes from the newest checkpoint (or is skipped when it reached
+train.steps), generation keeps the finished shards made by the same weights and sampler settings.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..config import Config
+from ..data import load_dataset, to_float
+from ..diffusion import make_schedule
+from ..diffusion.train import BatchSource, setup_distributed, train_diffusion
+from ..models import build_uvit
+from ..sampling import generate, load_generated
+from ..utils import UserError, load_npz, log, resolve_device, seed_everything
+from .rundir import RunDir
+
+# Train settings that do not change the weights at a given step: a checkpoint made with other values resumes.
+_RESUMABLE_KEYS = ("steps", "ckpt_every", "keep_checkpoints", "log_every")
+
+
+def load_pseudo_labels(rd: RunDir, n_train: int, num_classes: int) -> torch.Tensor:
+    """The stage-1 pseudo-label of every training image, aligned by index: int64 [n_train]."""
+    path = rd.require(rd.pseudo_labels, 1)
+    z = load_npz(path, keys=("index", "label"))
+    index, label = z["index"].astype(np.int64), z["label"].astype(np.int64)
+    if index.shape != label.shape or index.ndim != 1:
+        raise UserError(f"{path}: 'index' and 'label' must be 1-D arrays of the same length; re-run stage 1")
+    if len(index) and (index.min() < 0 or index.max() >= n_train):
+        raise UserError(f"{path}: indices outside the {n_train} training images (another data set?); re-run stage 1")
+    if len(label) and (label.min() < 0 or label.max() >= num_classes):
+        raise UserError(f"{path}: labels outside 0..{num_classes - 1}; re-run stage 1")
+    y = np.full(n_train, -1, dtype=np.int64)
+    y[index] = label
+    if (y < 0).any():
+        raise UserError(f"{path}: {(y < 0).sum()} of the {n_train} training images have no pseudo-label; re-run stage 1")
+    return torch.from_numpy(y)
+
+
+def train_fingerprint(cfg: Config, labels: torch.Tensor) -> str:
+    """What the weights at a given step depend on: data, labels, model, diffusion and train settings, seed."""
+    d = cfg.to_dict()
+    train = {k: v for k, v in d["train"].items() if k not in _RESUMABLE_KEYS}
+    sub = {"seed": d["seed"], "data": d["data"], "model": d["model"], "diffusion": d["diffusion"], "train": train,
+           "labels": hashlib.sha256(labels.numpy().tobytes()).hexdigest()}
+    return hashlib.sha256(json.dumps(sub, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class _Data:
+    """What stage 2 trains on and evaluates against, for pixel and latent data alike."""
+
+    x: torch.Tensor | BatchSource  # training samples: images in [-1, 1] or VAE latents
+    num_classes: int
+    shape: tuple[int, ...]  # [C, H, W] the diffusion model works in
+    name: str  # data set name (picks the shipped feature network)
+    real_images: Callable[[], np.ndarray]  # uint8 [M, C, H, W] reference images for FID
+    decode: Optional[Callable[[torch.Tensor], torch.Tensor]] = None  # latents -> images in [-1, 1]
+
+
+class _Latents:
+    """`BatchSource` over prepared VAE latents: z sampled from the stored moments, randomly mirrored."""
+
+    def __init__(self, ds):
+        self.ds = ds
+        self.sample_shape = tuple(ds.latent_shape)
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __call__(self, index: torch.Tensor, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        return self.ds.sample(index.numpy(), generator=generator, device=device)
+
+
+def _load_data(cfg: Config, device: torch.device) -> _Data:
+    if cfg.data.name == "latents":
+        from ..data.latents import LatentDataset
+        from ..data.vae import decode, load_vae
+
+        ds = LatentDataset(cfg.data.root)
+        vae_path = ds.manifest.get("vae")
+        vae = []  # loaded on first use: training does not need it
+
+        def vae_decode(z: torch.Tensor) -> torch.Tensor:
+            if not vae:
+                vae.append(load_vae(vae_path, device))
+            return decode(vae[0], z, scale=ds.scale).float().div_(127.5).sub_(1.0)
+
+        def real() -> np.ndarray:  # VAE reconstructions of training images: FID then measures the diffusion model alone
+            m = cfg.eval.num_real or min(len(ds), 1000)
+            pick = np.sort(np.random.default_rng(cfg.seed).choice(len(ds), min(m, len(ds)), replace=False))
+            mean = ds.moments(pick)[:, : ds.latent_shape[0]] * ds.scale
+            return decode(load_vae(vae_path, device) if not vae else vae[0], mean.to(device), scale=ds.scale).cpu().numpy()
+
+        return _Data(_Latents(ds), ds.num_classes, tuple(ds.latent_shape), "latents", real, vae_decode)
+
+    ds = load_dataset(cfg.data)
+
+    def real_test() -> np.ndarray:
+        real = ds.x_test
+        if 0 < cfg.eval.num_real < len(real):
+            real = real[np.sort(np.random.default_rng(cfg.seed).choice(len(real), cfg.eval.num_real, replace=False))]
+        return real
+
+    # The data sets read into memory fit there: a batch is one index gather, on the device.
+    return _Data(to_float(ds.x_train).to(device), ds.num_classes, tuple(ds.image_shape), cfg.data.name, real_test)
+
+
+def run(cfg: Config, rd: RunDir, progress: bool = True) -> dict:
+    t_start = time.time()
+    rank, world, device = setup_distributed(resolve_device(cfg.device))
+    data = _load_data(cfg, device)
+    num_classes = data.num_classes
+    labels = load_pseudo_labels(rd, len(data.x), num_classes)
+
+    seed_everything(cfg.seed)
+    model = build_uvit(cfg.model, num_classes + 1)
+    model_shape = (model.in_chans, model.img_size, model.img_size)
+    if model_shape != data.shape:
+        raise UserError(
+            f"model.preset={cfg.model.preset} works on {'x'.join(map(str, model_shape))} inputs but data.name={cfg.data.name} "
+            f"has {'x'.join(map(str, data.shape))}; set model.img_size / model.in_chans (or another model.preset)"
+        )
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("stage 2: U-ViT %s (%.2fM parameters) on %s, %d training samples %s, %d classes + null, %s schedule",
+             cfg.model.preset, n_params / 1e6, device, len(data.x), "x".join(map(str, data.shape)), num_classes,
+             cfg.diffusion.schedule)
+    schedule = make_schedule(cfg.diffusion)
+    fp = train_fingerprint(cfg, labels)
+
+    res = train_diffusion(model, data.x, labels, schedule, cfg.train, num_classes=num_classes, seed=cfg.seed,
+                          ckpt_dir=rd.checkpoints, fingerprint=fp, device=device, log_dir=rd.stage(2), progress=progress)
+    data.x = None  # free the training set before sampling
+
+    s = cfg.sample
+    gen = generate(res.ema, schedule, list(range(num_classes)), cfg.gen.k_per_class, data.shape, rd.generated,
+                   null_class=num_classes, cfg_scale=s.cfg_scale, steps=s.steps, order=s.order, method=s.method,
+                   algorithm=s.algorithm, skip_type=s.skip_type, batch_size=cfg.gen.batch_size,
+                   shard_size=cfg.gen.shard_size, seed=cfg.seed, device=device, backend=s.backend,
+                   cuda_graph=s.cuda_graph, decode=data.decode, progress=progress, model_id=f"{fp}@{res.step}")
+
+    metrics = None
+    if rank == 0:
+        metrics = _evaluate(cfg, rd, data, device)
+        metrics.update(
+            images_per_second=gen["images_per_second"],
+            gen_seconds=gen["seconds"],
+            sampler_nfe=gen["nfe"],
+            sampler_backend=gen["backend"],
+            train_steps=res.step,
+            train_resumed_from=res.start_step,
+            train_seconds=res.seconds,
+            train_total_seconds=res.total_seconds,
+            train_steps_per_second=res.steps_per_second,
+            train_images_per_second=res.steps_per_second * cfg.train.batch_size,
+            final_loss=res.history["loss"][-1] if res.history.get("loss") else None,
+            model_params=n_params,
+            world_size=world,
+            seconds=time.time() - t_start,
+        )
+        log.info("stage 2: FID %s, CAS %s; %.1f train img/s, %.1f generated img/s", _fmt(metrics["fid"], ".2f"),
+                 _fmt(metrics["cas"], ".3f"), metrics["train_images_per_second"], metrics["images_per_second"])
+    if world > 1:  # every rank returns the same metrics (the driver writes them on each)
+        box = [metrics]
+        dist.broadcast_object_list(box, src=0)
+        metrics = box[0]
+    return metrics
+
+
+def _evaluate(cfg: Config, rd: RunDir, data: _Data, device: torch.device) -> dict:
+    """samples.png and the generation metrics of the generated images against the real reference images."""
+    from ..eval import generation_metrics, save_grid
+
+    images, labels = load_generated(rd.generated)
+    save_grid(images, labels, rd.samples_png, per_class=10, num_classes=data.num_classes)
+    t0 = time.time()
+    none = {"fid": None, "is": None, "cas": None, "num_generated": len(images)}
+    if data.name == "latents" and not cfg.eval.feature_net:
+        log.warning("stage 2: no feature network for latent data: set eval.feature_net (e.g. torch-fidelity's Inception "
+                    "weights) to get FID/IS; metrics skipped")
+        return none
+    real = data.real_images()
+    if cfg.eval.fid:
+        m = generation_metrics(images, labels, real, data.name, feature_net=cfg.eval.feature_net, device=str(device))
+    else:  # CAS only: the share of generated images the feature network puts in their conditioning class
+        from ..eval import load_feature_net, per_class_accuracy, shipped_feature_net, top1
+        from ..eval.feature_nets import predict
+
+        net = load_feature_net(cfg.eval.feature_net or shipped_feature_net(data.name), device)
+        _, logits = predict(net, images)
+        lab = torch.as_tensor(labels)
+        m = {**none, "cas": top1(logits, lab), "cas_per_class": per_class_accuracy(logits, lab, net.num_classes),
+             "num_real": len(real)}
+    m["metrics_seconds"] = time.time() - t0
+    return m
+
+
+def _fmt(v, spec: str) -> str:
+    return "n/a" if v is None else format(v, spec)

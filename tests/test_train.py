@@ -1,0 +1,217 @@
+"""The stage-2 training loop: EMA math, schedules of LR/EMA, data order, label dropout, loss, exact resume."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from dpt_fast.config import load_config
+from dpt_fast.diffusion import make_schedule, model_time
+from dpt_fast.diffusion.checkpoint import list_checkpoints
+from dpt_fast.diffusion.train import (
+    batch_indices,
+    diffusion_loss,
+    draw_step,
+    ema_decay_at,
+    lr_at,
+    param_groups,
+    sample_time,
+    train_diffusion,
+    update_ema,
+)
+from dpt_fast.models import build_uvit
+from dpt_fast.utils import UserError
+
+
+def _digits_cfg(*overrides):
+    return load_config("digits", ["model.embed_dim=32", "model.depth=2", "train.steps=8", "train.batch_size=16",
+                                  "train.ckpt_every=3", "train.log_every=2", "train.warmup_steps=3", "train.lr=1e-3",
+                                  *overrides])
+
+
+def _data(n=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 8, 8, generator=g) * 2 - 1, torch.randint(0, 10, (n,), generator=g)
+
+
+def _model(cfg):
+    torch.manual_seed(0)
+    return build_uvit(cfg.model, 11)
+
+
+def _train(cfg, tmp_path, **kw):
+    x, y = _data()
+    return train_diffusion(_model(cfg), x, y, make_schedule(cfg.diffusion), cfg.train, num_classes=10, seed=cfg.seed,
+                           ckpt_dir=tmp_path / "ckpt", fingerprint=kw.pop("fingerprint", "fp"),
+                           device=torch.device("cpu"), log_dir=tmp_path, progress=False, **kw)
+
+
+# ----------------------------------------------------------------------------------------------
+def test_ema_update_is_an_exponential_moving_average_and_copies_buffers():
+    model, ema = nn.BatchNorm1d(3), nn.BatchNorm1d(3)
+    with torch.no_grad():
+        model.weight.fill_(2.0)
+        ema.weight.fill_(1.0)
+        model.running_mean.fill_(5.0)
+    update_ema(ema, model, 0.9)
+    assert torch.allclose(ema.weight, torch.full((3,), 0.9 * 1.0 + 0.1 * 2.0))
+    assert torch.equal(ema.running_mean, model.running_mean)
+    update_ema(ema, model, 0.9)
+    assert torch.allclose(ema.weight, torch.full((3,), 2.0 - 0.81))
+
+
+def test_ema_decay_warms_up_towards_the_configured_decay():
+    assert ema_decay_at(0, 0.9999) == pytest.approx(0.1)
+    assert ema_decay_at(90, 0.9999) == pytest.approx(91 / 100)
+    assert ema_decay_at(10**7, 0.999) == 0.999
+    assert all(ema_decay_at(s, 0.99) <= ema_decay_at(s + 1, 0.99) for s in range(300))
+
+
+def test_lr_warms_up_linearly_then_stays_constant():
+    lrs = [lr_at(s, 1e-3, 4) for s in range(8)]
+    assert lrs[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert lrs[4:] == pytest.approx([1e-3] * 4)
+
+
+def test_no_weight_decay_on_pos_embed_biases_and_norms():
+    cfg = _digits_cfg()
+    model = _model(cfg)
+    decay, no_decay = param_groups(model, 0.03)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.03 and no_decay["weight_decay"] == 0.0
+    nd = {names[id(p)] for p in no_decay["params"]}
+    assert "pos_embed" in nd and any(n.endswith("norm1.weight") for n in nd) and any(n.endswith(".bias") for n in nd)
+    assert all(p.ndim >= 2 for p in decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_batches_walk_through_seeded_epoch_permutations():
+    n, bs = 10, 4
+    stream = torch.cat([batch_indices(s, bs, n, seed=3) for s in range(5)])  # 20 positions = 2 epochs
+    assert sorted(stream[:10].tolist()) == list(range(10)) and sorted(stream[10:].tolist()) == list(range(10))
+    assert torch.equal(batch_indices(2, bs, n, seed=3), stream[8:12])  # a pure function of (seed, step)
+    cache = {}
+    assert torch.equal(torch.cat([batch_indices(s, bs, n, 3, cache) for s in range(5)]), stream)
+    assert sorted(cache) == [1]  # only the current epoch's permutation is kept
+    assert not torch.equal(batch_indices(0, 10, n, seed=4), stream[:10])
+    assert sorted(batch_indices(0, 25, n, seed=0).tolist()) != list(range(25))  # batches larger than an epoch work
+    assert batch_indices(0, 25, n, seed=0).max() < n
+
+
+@pytest.mark.parametrize("schedule", ["linear", "discrete"])
+def test_training_times_follow_the_schedule(schedule):
+    sch = make_schedule(load_config("digits", [f"diffusion.schedule={schedule}"]).diffusion)
+    t = sample_time(sch, 20000, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert t.min() >= 1e-3 - 1e-7 and t.max() <= 1.0
+    assert abs(t.mean().item() - 0.5) < 0.01
+    if schedule == "discrete":
+        n = t * 1000
+        assert torch.allclose(n, n.round(), atol=1e-3) and n.round().min() >= 1
+
+
+def test_label_dropout_rate_matches_p_uncond():
+    sch = make_schedule(load_config("digits").diffusion)
+    drops = torch.cat([draw_step(s, 0, 256, 100, (1, 8, 8), sch, 0.15, torch.device("cpu")).drop for s in range(20)])
+    sd = math.sqrt(0.15 * 0.85 / drops.numel())
+    assert abs(drops.float().mean().item() - 0.15) < 4 * sd
+
+
+class _Spy(nn.Module):
+    """Records the labels the loop feeds in; predicts a learnable scaling of x_t."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+        self.seen = []
+
+    def forward(self, x, t, y):
+        self.seen.append(y.clone())
+        return x * self.w
+
+
+def test_training_loop_feeds_the_null_class_at_rate_p_uncond(tmp_path):
+    cfg = _digits_cfg("train.steps=20", "train.batch_size=64", "train.p_uncond=0.2", "train.ckpt_every=100")
+    x, y = _data(200)
+    spy = _Spy()
+    train_diffusion(spy, x, y, make_schedule(cfg.diffusion), cfg.train, num_classes=10, seed=0, ckpt_dir=tmp_path,
+                    fingerprint="fp", device=torch.device("cpu"), progress=False)
+    seen = torch.cat(spy.seen)
+    assert seen.numel() == 20 * 64 and seen.max() == 10
+    sd = math.sqrt(0.2 * 0.8 / seen.numel())
+    assert abs((seen == 10).float().mean().item() - 0.2) < 4 * sd
+
+
+@pytest.mark.parametrize("schedule", ["linear", "discrete"])
+def test_loss_is_zero_for_the_exact_noise_predictor(schedule):
+    """With x0 = 0, x_t = sigma_t eps, so eps = x_t / sigma(t) recovered from the model's time input."""
+    sch = make_schedule(load_config("digits", [f"diffusion.schedule={schedule}"]).diffusion)
+    scale = 999.0 if schedule == "linear" else 1000.0
+    assert torch.allclose(model_time(sch, torch.tensor([0.5])), torch.tensor([0.5 * scale]))
+
+    def oracle(x_t, time, y):
+        return x_t / sch.marginal_std(time / scale).view(-1, 1, 1, 1)
+
+    g = torch.Generator().manual_seed(0)
+    t = sample_time(sch, 64, g, torch.device("cpu"))
+    noise = torch.randn(64, 1, 8, 8, generator=g)
+    zero = torch.zeros(64, 1, 8, 8)
+    assert diffusion_loss(oracle, zero, None, t, noise, sch).item() < 1e-8
+    assert diffusion_loss(lambda x_t, time, y: torch.zeros_like(x_t), zero, None, t, noise, sch).item() == pytest.approx(1.0, abs=0.05)
+
+
+# ----------------------------------------------------------------------------------------------
+def test_loss_decreases_and_history_is_written(tmp_path):
+    cfg = _digits_cfg("train.steps=20", "train.log_every=5", "train.ckpt_every=4")
+    res = _train(cfg, tmp_path)
+    h = res.history
+    assert h["step"] == [5, 10, 15, 20] and len(h["loss"]) == len(h["lr"]) == 4
+    assert h["loss"][-1] < h["loss"][0]
+    assert (tmp_path / "train_history.json").exists() and any((tmp_path / "tb").iterdir())
+    assert list_checkpoints(tmp_path / "ckpt") == [12, 16, 20]  # the latest (the final step) + keep_checkpoints=2
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_at(n):
+    def hook(step):
+        if step == n:
+            raise _Stop
+
+    return hook
+
+
+def _weights(m):
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def test_interrupted_run_resumes_from_its_checkpoint_exactly(tmp_path):
+    cfg = _digits_cfg()
+    ref = _train(cfg, tmp_path / "ref")
+
+    with pytest.raises(_Stop):
+        _train(cfg, tmp_path / "cut", on_step=_stop_at(5))  # killed between the checkpoints of steps 3 and 6
+    assert list_checkpoints(tmp_path / "cut" / "ckpt") == [3]
+    res = _train(cfg, tmp_path / "cut")
+    assert res.start_step == 3 and res.step == 8
+    for a, b in ((res.model, ref.model), (res.ema, ref.ema)):
+        wa, wb = _weights(a), _weights(b)
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert res.history == ref.history
+
+
+def test_a_larger_step_count_continues_training(tmp_path):
+    cfg = _digits_cfg()
+    ref = _train(cfg, tmp_path / "ref")
+    _train(_digits_cfg("train.steps=5"), tmp_path / "more")
+    res = _train(cfg, tmp_path / "more")
+    assert res.start_step == 5
+    assert all(torch.equal(a, b) for a, b in zip(res.ema.state_dict().values(), ref.ema.state_dict().values()))
+
+
+def test_checkpoint_of_another_config_is_refused(tmp_path):
+    cfg = _digits_cfg("train.steps=2")
+    _train(cfg, tmp_path)
+    with pytest.raises(UserError, match="--fresh"):
+        _train(cfg, tmp_path, fingerprint="other")
