@@ -68,10 +68,10 @@ class ModelConfig:
     depth: int = 0
     num_heads: int = 0
     mlp_ratio: float = 0.0
-    qkv_bias: bool = False
-    mlp_time_embed: bool = False
-    conv: bool = True
-    skip: bool = True
+    qkv_bias: Optional[bool] = None  # None: the preset's value
+    mlp_time_embed: Optional[bool] = None
+    conv: Optional[bool] = None
+    skip: Optional[bool] = None
     conditioning: str = "token"  # token (the paper's) | adaln (DiT-style adaLN-Zero)
     use_checkpoint: bool = False
 
