@@ -30,7 +30,7 @@ def _extensions():
     if not cpp:
         return []
     openmp = ["-fopenmp"] if os.name != "nt" else []
-    cxx = ["-O3", "-std=c++17", *openmp]
+    cxx = ["-O3", "-std=c++20", *openmp]
     if _want_cuda():
         cu = sorted(glob.glob("csrc/*.cu"))
         return [
@@ -38,7 +38,7 @@ def _extensions():
                 "dpt_fast._C",
                 cpp + cu,
                 define_macros=[("DPT_FAST_WITH_CUDA", "1")],
-                extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-std=c++17"]},
+                extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-std=c++20"]},
                 extra_link_args=openmp,
             )
         ]
