@@ -80,7 +80,7 @@ def fit_logreg(x: np.ndarray, y: np.ndarray, c: float, num_classes: int,
     present = np.unique(y)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # lbfgs convergence notes on tiny labelled sets
-        clf = LogisticRegression(C=c, max_iter=max_iter, tol=1e-6)
+        clf = LogisticRegression(C=c, max_iter=max_iter)
         clf.fit(np.asarray(x, np.float64), y, sample_weight=sample_weight)
     d = x.shape[1]
     coef = np.zeros((num_classes, d), np.float64)

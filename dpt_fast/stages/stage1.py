@@ -15,9 +15,12 @@ Outputs (run directory contract + what stage 3 needs, no pickle):
     stage1/pseudo_labels.npz        index, label (int64), prob (float32) for every training image; a labelled
                                     image carries its true label with prob 1.0, every other image the
                                     classifier's arg-max and its probability
-    stage1/space.json, space.npz    the frozen representation (+ encoder.safetensors for simclr_umap)
+    stage1/space.json, space.npz    the frozen representation: for simclr_umap the training images' SimCLR
+                                    features and UMAP coordinates (what places unseen images), + the encoder
+    stage1/encoder.safetensors      the trained SimCLR encoder (its config + SSL fingerprint in the metadata)
+    stage1/simclr_ckpt.safetensors  while training: model, AdamW state and augmentation RNG after each epoch
     stage1/head.safetensors         the logistic-regression head
-    stage1/encoder/                 SimCLR training checkpoint (resumable), keyed by its own fingerprint
+A killed run continues SimCLR from its last epoch and ends with the same weights as an uninterrupted one.
 Re-running with another split but the same SSL/UMAP config reuses the encoder and the UMAP coordinates.
 """
 from __future__ import annotations
@@ -43,7 +46,7 @@ from ..utils import UserError, atomic_path, log, read_json, resolve_device, save
 from .rundir import RunDir
 
 SSL_KEYS = ("ssl_epochs", "ssl_batch_size", "ssl_lr", "ssl_temperature", "feature_dim", "width")
-UMAP_KEYS = ("umap_dim", "umap_neighbors", "umap_min_dist")
+UMAP_KEYS = ("umap_dim", "umap_neighbors", "umap_min_dist", "umap_epochs")
 
 
 def _hash(obj: dict) -> str:
@@ -243,6 +246,8 @@ def run(cfg: Config, rd: RunDir, progress: bool = True) -> dict:
     labelled = _labelled(cfg, ds)
     save_split(rd.split, labelled, len(y), labels_per_class=cfg.split.labels_per_class,
                fraction=cfg.split.fraction, seed=cfg.split.seed, data=cfg.data.name)
+    log.info("stage 1: %s on %s (%d threads), %d training images, %d labelled", s1.method, device,
+             torch.get_num_threads(), len(y), len(labelled))
 
     if s1.method == "simclr_umap":
         space = _simclr_umap_space(cfg, ds, out, progress, device)
@@ -267,7 +272,7 @@ def run(cfg: Config, rd: RunDir, progress: bool = True) -> dict:
     label[labelled], conf[labelled] = y[labelled], 1.0  # the known labels are kept, with certainty
     save_npz(rd.pseudo_labels, index=np.arange(len(y), dtype=np.int64), label=label, prob=conf)
 
-    test_pred = head.predict(space.embed(ds.x_test))
+    test_pred = head.predict(space.embed(ds.x_test, progress=progress))
     unl = np.setdiff1d(np.arange(len(y)), labelled)
     return {
         "method": s1.method,
