@@ -144,3 +144,25 @@ def test_features_method_without_weights_is_a_one_line_user_error(run_dir, tmp_p
     with pytest.raises(UserError, match="stage1.backbone_weights") as e:
         stage1.run(cfg, RunDir(run_dir), progress=False)
     assert "\n" not in str(e.value)
+
+
+def test_fit_umap_puts_back_the_torch_thread_count_that_numba_resets(monkeypatch):
+    """numba's OpenMP start-up sets the process-wide thread count to the core count (seen: 1 -> 2 on the
+    first UMAP fit); stage 1 must put torch's back so later stages run with cfg.num_threads."""
+    import umap
+
+    class NumbaLike(umap.UMAP):
+        def fit_transform(self, x, *a, **k):
+            torch.set_num_threads(3)
+            return np.zeros((len(x), self.n_components), np.float32)
+
+    monkeypatch.setattr(umap, "UMAP", NumbaLike)
+    f = np.eye(20, 16, dtype=np.float32)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        coords = stage1.fit_umap(f, load_config("digits"), progress=False)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(n)
+    assert coords.shape == (20, 10) and coords.dtype == np.float32

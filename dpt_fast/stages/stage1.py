@@ -193,9 +193,15 @@ def fit_umap(feats: np.ndarray, cfg: Config, progress: bool = True) -> np.ndarra
     reducer = umap.UMAP(n_components=s1.umap_dim, n_neighbors=k, min_dist=s1.umap_min_dist,
                         n_epochs=s1.umap_epochs, random_state=cfg.seed, precomputed_knn=exact_knn(feats, k),
                         tqdm_kwds={"desc": "stage 1 UMAP", "disable": not progress})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # no NNDescent index (we never call transform); n_jobs with a seed
-        coords = reducer.fit_transform(feats)
+    threads = torch.get_num_threads()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # no NNDescent index (we never call transform); n_jobs with a seed
+            coords = reducer.fit_transform(feats)
+    finally:
+        # numba's OpenMP layer starts with one thread per core and resets the process-wide OpenMP count
+        # that torch uses; put torch's (cfg.num_threads) back so later stages run as configured.
+        torch.set_num_threads(threads)
     return np.asarray(coords, np.float32)
 
 
