@@ -62,8 +62,9 @@ def run(cfg: Config, rd: RunDir, progress: bool = True) -> dict:
     rd.stage(3).mkdir(parents=True, exist_ok=True)
     head.save(rd.stage(3) / "head.safetensors")
 
-    top1 = float((head.predict(x_test) == ds.y_test).mean())
-    stage1_top1 = float((head1.predict(x_test) == ds.y_test).mean())
+    hit3, hit1 = head.predict(x_test) == ds.y_test, head1.predict(x_test) == ds.y_test
+    top1, stage1_top1 = float(hit3.mean()), float(hit1.mean())
+    per_class = [ds.y_test == k for k in range(ds.num_classes)]
     if abs(stage1_top1 - float(m1.get("test_top1", stage1_top1))) > 1e-6:
         log.warning("stage 3: stage 1's classifier scores %.4f on the test split now, %.4f when stage 1 ran",
                     stage1_top1, m1["test_top1"])
@@ -71,6 +72,8 @@ def run(cfg: Config, rd: RunDir, progress: bool = True) -> dict:
         "top1": top1,
         "stage1_top1": stage1_top1,
         "gain": top1 - stage1_top1,
+        "top1_per_class": [float(hit3[m].mean()) if m.any() else 0.0 for m in per_class],
+        "stage1_top1_per_class": [float(hit1[m].mean()) if m.any() else 0.0 for m in per_class],
         "labelled": int(len(labelled)),
         "generated": int(len(gen_y)),
         "generated_used": int(keep.sum()),
