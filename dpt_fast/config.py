@@ -30,6 +30,12 @@ class DataConfig:
     root: str = ""  # directory of a user data set (imagefolder, cifar10, mnist_idx, latents)
     image_size: int = 0  # 0: the data set's own size; for imagefolder the crop size
     on_bad_image: str = "skip"  # skip | error
+    # Held-out ImageFolder (same class folders as the training one) for the stage-1/3 top-1 of imagefolder and
+    # latents; "" = `val/` (else `test/`) beside a `train/` folder (ImageNet layout), else (imagefolder) 10 %
+    # of each class held out.
+    test_root: str = ""
+    # latents: the ImageFolder the latents were prepared from, when it is no longer at the manifest's `root`.
+    image_root: str = ""
 
 
 @dataclass
@@ -61,6 +67,10 @@ class Stage1Config:
     backbone: str = ""  # features only: a timm model name, e.g. vit_base_patch16_224
     backbone_weights: str = ""  # features only: local weights file (safetensors or .pth); nothing is downloaded
     backbone_image_size: int = 0  # features only: input side in pixels; 0 = the model's default (ViTs only)
+    # features only: central fraction of each image the backbone sees (then resized to its input side);
+    # 0.875 on 256 px crops = the usual Resize(256) + CenterCrop(224) evaluation transform of MSN / DPT.
+    backbone_crop: float = 1.0
+    backbone_batch_size: int = 128  # features only: images per backbone forward pass
 
 
 @dataclass
@@ -366,6 +376,8 @@ def validate(cfg: Config) -> None:
         ("stage1.knn_transform", cfg.stage1.knn_transform >= 1, "must be >= 1"),
         ("stage1.backbone_image_size", cfg.stage1.backbone_image_size >= 0, "must be >= 0 (0 = the model's)"),
         ("stage1.logreg_c", cfg.stage1.logreg_c >= 0, "must be >= 0 (0 = the method's default)"),
+        ("stage1.backbone_crop", 0.0 < cfg.stage1.backbone_crop <= 1.0, "must be in (0, 1]"),
+        ("stage1.backbone_batch_size", cfg.stage1.backbone_batch_size >= 1, "must be >= 1"),
         ("stage3.logreg_c", cfg.stage3.logreg_c >= 0, "must be >= 0 (0 = stage 1's)"),
         ("stage3.generated_weight", cfg.stage3.generated_weight >= 0, "must be >= 0"),
         ("stage3.min_confidence", 0.0 <= cfg.stage3.min_confidence < 1.0, "must be in [0, 1)"),

@@ -228,14 +228,14 @@ class BackboneSpace:
 
     This is the paper's recipe for MSN features (cyanure `preprocess(centering=True, normalize=True,
     columns=False)` works on rows). Weights come from a local file (safetensors, or a .pth/.pt/.bin loaded
-    with weights_only=True); nothing is downloaded. Images are resized to the model's input size and
-    normalised with its mean/std; grey images are repeated to 3 channels.
+    with weights_only=True); nothing is downloaded. Each image's central `crop` fraction is resized to the
+    model's input size and normalised with its mean/std; grey images are repeated to 3 channels.
     """
 
     kind = "backbone"
 
     def __init__(self, name: str, weights: str, device: torch.device | str = "cpu", image_size: int = 0,
-                 batch_size: int = 128):
+                 batch_size: int = 128, crop: float = 1.0):
         import timm
 
         path = Path(weights).expanduser()
@@ -255,40 +255,55 @@ class BackboneSpace:
             raise UserError(f"{path}: {len(missing)} weights of {name} are missing (e.g. {missing[0]}); "
                             "is it a checkpoint of this architecture?")
         cfg = timm.data.resolve_model_data_config(model)
-        self.name, self.weights, self.device, self.batch_size = name, str(path), device, batch_size
-        self.image_size = image_size
+        self.name, self.weights, self.device, self.batch_size = name, str(path.resolve()), torch.device(device), batch_size
+        self.image_size, self.crop = image_size, crop
         self.input_size = (image_size, image_size) if image_size else tuple(cfg["input_size"][1:])
-        self.mean = torch.tensor(cfg["mean"]).view(1, 3, 1, 1)
-        self.std = torch.tensor(cfg["std"]).view(1, 3, 1, 1)
-        self.model = model.eval().to(device)
+        self.mean = torch.tensor(cfg["mean"]).view(1, 3, 1, 1).to(self.device)
+        self.std = torch.tensor(cfg["std"]).view(1, 3, 1, 1).to(self.device)
+        self.model = model.eval().to(self.device)
+        self.dim = int(model.num_features)
+
+    def identity(self) -> dict:
+        """What the features of an image depend on (keys the on-disk feature caches): model, weights, input."""
+        st = Path(self.weights).stat()
+        return {"backbone": self.name, "weights": self.weights, "weights_bytes": st.st_size,
+                "weights_mtime_ns": st.st_mtime_ns, "input_size": list(self.input_size), "crop": self.crop}
 
     @torch.no_grad()
+    def embed_tensor(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [n, C, H, W] (C = 1 or 3, on any device) -> float32 [n, dim] on the CPU."""
+        x = images.to(self.device, non_blocking=True).float().div_(255.0)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        if self.crop < 1.0:  # the central crop, at integer offsets (as torchvision's CenterCrop)
+            h, w = x.shape[2:]
+            ch, cw = max(1, round(h * self.crop)), max(1, round(w * self.crop))
+            top, left = (h - ch) // 2, (w - cw) // 2
+            x = x[:, :, top:top + ch, left:left + cw]
+        if tuple(x.shape[2:]) != self.input_size:
+            x = F.interpolate(x, size=self.input_size, mode="bicubic", antialias=True, align_corners=False)
+        f = self.model((x - self.mean) / self.std).float()
+        return F.normalize(f - f.mean(dim=1, keepdim=True), dim=1).cpu()
+
     def embed(self, images: np.ndarray, progress: bool = False) -> np.ndarray:
         from tqdm.auto import tqdm
 
-        out = []
-        for i in tqdm(range(0, len(images), self.batch_size), desc="backbone features", disable=not progress):
-            x = torch.as_tensor(images[i:i + self.batch_size]).float().div_(255.0)
-            if x.shape[1] == 1:
-                x = x.expand(-1, 3, -1, -1)
-            if tuple(x.shape[2:]) != self.input_size:
-                x = F.interpolate(x, size=self.input_size, mode="bicubic", antialias=True, align_corners=False)
-            x = ((x - self.mean) / self.std).to(self.device)
-            f = self.model(x).float()
-            f = F.normalize(f - f.mean(dim=1, keepdim=True), dim=1)
-            out.append(f.cpu())
-        return torch.cat(out).numpy() if out else np.zeros((0, self.model.num_features), np.float32)
+        out = [self.embed_tensor(torch.as_tensor(images[i:i + self.batch_size]))
+               for i in tqdm(range(0, len(images), self.batch_size), desc="backbone features", disable=not progress)]
+        return torch.cat(out).numpy() if out else np.zeros((0, self.dim), np.float32)
 
     def embed_train(self, train_images: np.ndarray, indices: np.ndarray) -> np.ndarray:
         return self.embed(train_images[indices])
 
     def save(self, directory: Path) -> None:
         write_json(directory / "space.json", {"kind": self.kind, "backbone": self.name, "weights": self.weights,
-                                              "image_size": self.image_size})
+                                              "image_size": self.image_size, "crop": self.crop,
+                                              "batch_size": self.batch_size, "dim": self.dim})
 
     @classmethod
     def load(cls, directory: Path, meta: dict, device: torch.device | str = "cpu") -> "BackboneSpace":
-        return cls(meta["backbone"], meta["weights"], device, int(meta.get("image_size", 0)))
+        return cls(meta["backbone"], meta["weights"], device, int(meta.get("image_size", 0)),
+                   int(meta.get("batch_size", 128)), float(meta.get("crop", 1.0)))
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:

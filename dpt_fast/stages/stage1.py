@@ -8,7 +8,9 @@ logistic regression fitted on the labelled images only. Methods (`stage1.method`
   by a kNN in SimCLR feature space (see `models.classifier.SimclrUmapSpace`).
 - pca_logreg: PCA of the pixels + logistic regression (the simple baseline).
 - features (real data, the paper's recipe): frozen timm backbone features (rows centred, L2-normalised) +
-  logistic regression with the paper's lambda = 0.0025 / N (C = 400).
+  logistic regression with the paper's lambda = 0.0025 / N (C = 400). The images are streamed in batches
+  (`dpt_fast.data.stream`), so this works at ImageNet scale and is the only method for data.name=latents,
+  whose images are decoded again from the folder the latents were prepared from (index i = latent i).
 
 Outputs (run directory contract + what stage 3 needs, no pickle):
     split.json                      the labelled training indices
@@ -20,6 +22,9 @@ Outputs (run directory contract + what stage 3 needs, no pickle):
     stage1/encoder.safetensors      the trained SimCLR encoder (its config + SSL fingerprint in the metadata)
     stage1/simclr_ckpt.safetensors  while training: model, AdamW state and augmentation RNG after each epoch
     stage1/head.safetensors         the logistic-regression head
+    stage1/train_features.npy/.json features only: float32 [N, D] backbone features of every training image
+    stage1/test_features.npy/.json  (memory-mapped; filled in chunks, a killed run continues) and of the test
+    stage1/test_labels.npz          images, with their labels: what stage 3 reads instead of the images
 A killed run continues SimCLR from its last epoch and ends with the same weights as an uninterrupted one.
 Re-running with another split but the same SSL/UMAP config reuses the encoder and the UMAP coordinates.
 """
@@ -38,7 +43,8 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..config import Config
-from ..data import ArrayDataset, load_dataset, save_split, select_labelled
+from ..data import ArrayDataset, save_split, select_labelled
+from ..data.stream import RealData, cached_features, open_real_data
 from ..models.classifier import (PAPER_LOGREG_C, BackboneSpace, PcaSpace, SimclrUmapSpace, fit_logreg, load_encoder,
                                  save_encoder)
 from ..models.encoder import ConvEncoder, augment, encode, nt_xent
@@ -233,11 +239,33 @@ def logreg_c(cfg: Config) -> float:
     return PAPER_LOGREG_C if cfg.stage1.method == "features" else 1.0
 
 
-def _labelled(cfg: Config, ds: ArrayDataset) -> np.ndarray:
-    """The labelled training indices: k per class, a fraction, or a subset list (ImageFolder file names)."""
-    files = getattr(ds, "train_files", None) or None
-    skipped = [s["file"] for s in getattr(ds, "skipped", [])]
-    return select_labelled(cfg.split, ds.y_train, files, skipped)
+def backbone_features(cfg: Config, real: RealData, out: Path, device, progress: bool = True
+                      ) -> tuple[BackboneSpace, np.ndarray, np.ndarray]:
+    """The frozen backbone and its features of every training and test image: float32 [N, D], [M, D] memmaps.
+
+    Cached in `out` (train_features.npy, test_features.npy) keyed by the backbone's weights and input and by the
+    images, so a killed run continues where it stopped and a new split or C re-uses them.
+    """
+    s1 = cfg.stage1
+    if not s1.backbone:
+        raise UserError("stage1.method=features needs stage1.backbone=<timm model name> and stage1.backbone_weights=FILE")
+    space = BackboneSpace(s1.backbone, s1.backbone_weights, device, s1.backbone_image_size, s1.backbone_batch_size,
+                          s1.backbone_crop)
+    log.info("stage 1: %s features (dim %d, input %s, crop %.3f) of %d training and %d test images on %s",
+             s1.backbone, space.dim, "x".join(map(str, space.input_size)), space.crop, len(real.train),
+             len(real.test), device)
+    key = space.identity()
+    feats = [cached_features(space.embed_tensor, src, out / f"{part}_features.npy", key=key, dim=space.dim,
+                             batch_size=s1.backbone_batch_size, progress=progress, desc=f"stage 1 features ({part})")
+             for part, src in (("train", real.train), ("test", real.test))]
+    return space, feats[0], feats[1]
+
+
+def predict_in_chunks(head, x: np.ndarray, rows: int = 65536) -> np.ndarray:
+    """head.predict_proba over a (memory-mapped) [N, D] array, `rows` at a time: float32 [N, K]."""
+    if not len(x):
+        return np.zeros((0, len(head.intercept)), np.float32)
+    return np.concatenate([head.predict_proba(np.asarray(x[i:i + rows])) for i in range(0, len(x), rows)])
 
 
 def run(cfg: Config, rd: RunDir, progress: bool = True) -> dict:
@@ -247,50 +275,59 @@ def run(cfg: Config, rd: RunDir, progress: bool = True) -> dict:
     out = rd.stage(1)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
-    ds = load_dataset(cfg.data)
-    y = ds.y_train
-    labelled = _labelled(cfg, ds)
+    if cfg.data.name == "latents" and s1.method != "features":
+        raise UserError(f"stage1.method={s1.method} needs the images in memory; data.name=latents streams them: use "
+                        "stage1.method=features with stage1.backbone=<timm name> stage1.backbone_weights=FILE")
+    if s1.method == "features":
+        from ..diffusion.train import setup_distributed
+
+        _, _, device = setup_distributed(device)  # under torchrun the ranks share the feature extraction
+    real = open_real_data(cfg.data, device, progress)
+    y = real.y_train
+    labelled = select_labelled(cfg.split, y, real.files, real.skipped)
     save_split(rd.split, labelled, len(y), labels_per_class=cfg.split.labels_per_class,
                fraction=cfg.split.fraction, seed=cfg.split.seed, data=cfg.data.name)
     log.info("stage 1: %s on %s (%d threads), %d training images, %d labelled", s1.method, device,
              torch.get_num_threads(), len(y), len(labelled))
 
-    if s1.method == "simclr_umap":
-        space = _simclr_umap_space(cfg, ds, out, progress, device)
-        x_train = space.train_coords
-    elif s1.method == "pca_logreg":
-        space = PcaSpace.fit(ds.x_train, s1.pca_dim, cfg.seed)
-        x_train = space.embed(ds.x_train)
-    else:  # features
-        if not s1.backbone:
-            raise UserError("stage1.method=features needs stage1.backbone=<timm model name> and stage1.backbone_weights=FILE")
-        space = BackboneSpace(s1.backbone, s1.backbone_weights, device, s1.backbone_image_size)
-        log.info("stage 1: %s features of %d training images on %s", s1.backbone, len(y), device)
-        x_train = space.embed(ds.x_train, progress=progress)
+    if s1.method == "features":
+        space, x_train, x_test = backbone_features(cfg, real, out, device, progress)
+        save_npz(out / "test_labels.npz", label=real.y_test.astype(np.int64))
+    else:
+        ds = real.arrays
+        if s1.method == "simclr_umap":
+            space = _simclr_umap_space(cfg, ds, out, progress, device)
+            x_train = space.train_coords
+        else:  # pca_logreg
+            space = PcaSpace.fit(ds.x_train, s1.pca_dim, cfg.seed)
+            x_train = space.embed(ds.x_train)
+        x_test = space.embed(ds.x_test, progress=progress)
     space.save(out)
 
     c = logreg_c(cfg)
-    head = fit_logreg(x_train[labelled], y[labelled], c, ds.num_classes)
+    head = fit_logreg(np.asarray(x_train[labelled]), y[labelled], c, real.num_classes)
     head.save(out / "head.safetensors")
-    prob = head.predict_proba(x_train)
+    prob = predict_in_chunks(head, x_train)
     label, conf = prob.argmax(1).astype(np.int64), prob.max(1).astype(np.float32)
+    del prob
     fits_labels = float((label[labelled] == y[labelled]).mean())
     label[labelled], conf[labelled] = y[labelled], 1.0  # the known labels are kept, with certainty
     save_npz(rd.pseudo_labels, index=np.arange(len(y), dtype=np.int64), label=label, prob=conf)
 
-    test_pred = head.predict(space.embed(ds.x_test, progress=progress))
+    test_pred = predict_in_chunks(head, x_test).argmax(1)
     unl = np.setdiff1d(np.arange(len(y)), labelled)
     return {
         "method": s1.method,
         "logreg_c": c,
         "pseudo_label_accuracy": float((label == y).mean()),
-        "unlabelled_accuracy": float((label[unl] == y[unl]).mean()),
+        "unlabelled_accuracy": float((label[unl] == y[unl]).mean()) if len(unl) else None,
         "labelled_fit_accuracy": fits_labels,
         "labelled": int(len(labelled)),
         "unlabelled": int(len(unl)),
-        "test_top1": float((test_pred == ds.y_test).mean()),
-        "mean_confidence_unlabelled": float(conf[unl].mean()),
-        "pseudo_label_counts": np.bincount(label, minlength=ds.num_classes).tolist(),
+        "test_top1": float((test_pred == real.y_test).mean()) if len(real.y_test) else None,
+        "num_test": int(len(real.y_test)),
+        "mean_confidence_unlabelled": float(conf[unl].mean()) if len(unl) else None,
+        "pseudo_label_counts": np.bincount(label, minlength=real.num_classes).tolist(),
         "seconds": time.time() - t0,
         "cpu_seconds": time.process_time() - c0,
     }
