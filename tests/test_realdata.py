@@ -153,6 +153,24 @@ def test_latents_run_all_three_stages_through_the_cli(latents_run, prepared):
     assert not (s1 / "train_features.done").exists() and json.loads((s1 / "train_features.json").read_text())["complete"]
 
 
+def test_stage3_rerun_with_new_settings_reuses_the_generated_features(latents_run, prepared, weights, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(latents_run, run)
+    before = (run / "stage3" / "generated_features.npy").stat().st_mtime_ns
+    assert cli.main(["--stage", "3", "--config", "digits", "--run-dir", str(run), "--quiet",
+                     *_latents_cfg(prepared, weights, "stage3.generated_weight=0.5")]) == 0
+    assert (run / "stage3" / "generated_features.npy").stat().st_mtime_ns == before
+    assert json.loads((run / "stage3" / "metrics.json").read_text())["generated_used"] == 6
+
+
+def test_backbone_crop_keeps_the_central_fraction(weights):
+    space = BackboneSpace("test_vit", str(weights / "vit.safetensors"), image_size=32, crop=0.5)
+    full = BackboneSpace("test_vit", str(weights / "vit.safetensors"), image_size=32)
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 3, 32, 32), dtype=np.uint8))
+    torch.testing.assert_close(space.embed_tensor(x), full.embed_tensor(x[:, :, 8:24, 8:24]))
+    assert not torch.allclose(space.embed_tensor(x), full.embed_tensor(x), atol=1e-3)
+
+
 def test_latent_row_i_gets_the_features_of_files_txt_line_i(latents_run, prepared, folder, weights):
     """Alignment: the stage-1 features of row i are those of the image latent i was encoded from."""
     files = (prepared / "files.txt").read_text().splitlines()
