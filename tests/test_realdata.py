@@ -280,3 +280,16 @@ def test_feature_cache_resumes_after_a_kill_and_recomputes_for_another_key(tmp_p
     assert seen == []  # finished: reused as is
     cached_features(embed, src, path, key={"m": 2}, dim=16, batch_size=4, chunk_rows=8, progress=False)
     assert sum(seen) == 21  # another model: all again
+
+
+def test_head_label_prob_in_row_chunks_matches_the_full_probabilities():
+    from dpt_fast.models.classifier import LinearHead
+
+    rng = np.random.default_rng(0)
+    head = LinearHead(rng.normal(size=(4, 5)), rng.normal(size=4))
+    x, y = rng.normal(size=(11, 5)), rng.integers(0, 4, 11)
+    p = head.predict_proba(x)
+    pred, prob = head.label_prob(x, rows=3)
+    assert np.array_equal(pred, p.argmax(1)) and pred.dtype == np.int64
+    np.testing.assert_allclose(prob, p.max(1), rtol=1e-6)
+    np.testing.assert_allclose(head.label_prob(x, y, rows=3)[1], p[np.arange(11), y], rtol=1e-6)

@@ -57,6 +57,18 @@ class LinearHead:
     def predict(self, x: np.ndarray) -> np.ndarray:
         return self.logits(x).argmax(axis=1).astype(np.int64)
 
+    def label_prob(self, x: np.ndarray, labels: np.ndarray | None = None, rows: int = 16384
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """(arg-max class int64 [N], probability float32 [N] of `labels`, or of the arg-max when None), computed
+        `rows` at a time, so that x may be a memory-mapped [N, D] array and [N, K] never exists at once."""
+        pred, prob = np.zeros(len(x), np.int64), np.zeros(len(x), np.float32)
+        for i in range(0, len(x), rows):
+            p = self.predict_proba(np.asarray(x[i:i + rows]))
+            pred[i:i + len(p)] = p.argmax(1)
+            pick = pred[i:i + len(p)] if labels is None else labels[i:i + len(p)]
+            prob[i:i + len(p)] = p[np.arange(len(p)), pick]
+        return pred, prob
+
     def save(self, path: str | Path) -> None:
         with atomic_path(path) as tmp:
             save_file({"coef": torch.from_numpy(np.ascontiguousarray(self.coef, np.float32)),

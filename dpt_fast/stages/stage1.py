@@ -261,13 +261,6 @@ def backbone_features(cfg: Config, real: RealData, out: Path, device, progress: 
     return space, feats[0], feats[1]
 
 
-def predict_in_chunks(head, x: np.ndarray, rows: int = 65536) -> np.ndarray:
-    """head.predict_proba over a (memory-mapped) [N, D] array, `rows` at a time: float32 [N, K]."""
-    if not len(x):
-        return np.zeros((0, len(head.intercept)), np.float32)
-    return np.concatenate([head.predict_proba(np.asarray(x[i:i + rows])) for i in range(0, len(x), rows)])
-
-
 def run(cfg: Config, rd: RunDir, progress: bool = True) -> dict:
     """Fit the semi-supervised learner, write split.json and stage1/pseudo_labels.npz; return the metrics."""
     t0, c0 = time.time(), time.process_time()
@@ -307,14 +300,12 @@ def run(cfg: Config, rd: RunDir, progress: bool = True) -> dict:
     c = logreg_c(cfg)
     head = fit_logreg(np.asarray(x_train[labelled]), y[labelled], c, real.num_classes)
     head.save(out / "head.safetensors")
-    prob = predict_in_chunks(head, x_train)
-    label, conf = prob.argmax(1).astype(np.int64), prob.max(1).astype(np.float32)
-    del prob
+    label, conf = head.label_prob(x_train)
     fits_labels = float((label[labelled] == y[labelled]).mean())
     label[labelled], conf[labelled] = y[labelled], 1.0  # the known labels are kept, with certainty
     save_npz(rd.pseudo_labels, index=np.arange(len(y), dtype=np.int64), label=label, prob=conf)
 
-    test_pred = predict_in_chunks(head, x_test).argmax(1)
+    test_pred = head.label_prob(x_test)[0]
     unl = np.setdiff1d(np.arange(len(y)), labelled)
     return {
         "method": s1.method,

@@ -27,7 +27,6 @@ from ..data.stream import ShardSource, cached_features, open_features
 from ..models.classifier import LinearHead, fit_logreg, load_space
 from ..utils import UserError, load_npz, log, read_json, resolve_device
 from .rundir import RunDir
-from .stage1 import predict_in_chunks
 
 
 def generated_source(rd: RunDir) -> ShardSource:
@@ -96,11 +95,11 @@ def run(cfg: Config, rd: RunDir, progress: bool = True) -> dict:
         raise UserError(f"{rd.generated}: labels outside 0..{num_classes - 1}; re-run stage 2 with this config")
 
     # How the stage-1 classifier sees the generated images (a CAS computed with our own classifier).
-    p_gen = head1.predict_proba(x_gen)
-    agree = p_gen.argmax(1) == gen_y
+    pred_gen, p_class = head1.label_prob(x_gen, gen_y)
+    agree = pred_gen == gen_y
     keep = np.ones(len(gen_y), bool)
     if cfg.stage3.min_confidence > 0:
-        keep = p_gen[np.arange(len(gen_y)), gen_y] >= cfg.stage3.min_confidence
+        keep = p_class >= cfg.stage3.min_confidence
         log.info("stage 3: stage3.min_confidence=%.2f keeps %d of %d generated images (not the paper's default)",
                  cfg.stage3.min_confidence, keep.sum(), len(keep))
 
@@ -112,8 +111,8 @@ def run(cfg: Config, rd: RunDir, progress: bool = True) -> dict:
     rd.stage(3).mkdir(parents=True, exist_ok=True)
     head.save(rd.stage(3) / "head.safetensors")
 
-    hit3 = predict_in_chunks(head, x_test).argmax(1) == y_test
-    hit1 = predict_in_chunks(head1, x_test).argmax(1) == y_test
+    hit3 = head.label_prob(x_test)[0] == y_test
+    hit1 = head1.label_prob(x_test)[0] == y_test
     top1, stage1_top1 = float(hit3.mean()), float(hit1.mean())
     per_class = [y_test == k for k in range(num_classes)]
     if m1.get("test_top1") is not None and abs(stage1_top1 - float(m1["test_top1"])) > 1e-6:
