@@ -30,6 +30,12 @@ class DataConfig:
     root: str = ""  # directory of a user data set (imagefolder, cifar10, mnist_idx, latents)
     image_size: int = 0  # 0: the data set's own size; for imagefolder the crop size
     on_bad_image: str = "skip"  # skip | error
+    # Held-out ImageFolder (same class folders as the training one) for the stage-1/3 top-1 of imagefolder and
+    # latents; "" = `val/` (else `test/`) beside a `train/` folder (ImageNet layout), else (imagefolder) 10 %
+    # of each class held out.
+    test_root: str = ""
+    # latents: the ImageFolder the latents were prepared from, when it is no longer at the manifest's `root`.
+    image_root: str = ""
 
 
 @dataclass
@@ -42,20 +48,29 @@ class SplitConfig:
 
 @dataclass
 class Stage1Config:
-    method: str = "simclr_umap"  # simclr_umap | pca_logreg
-    ssl_epochs: int = 15  # SimCLR epochs over the training images
+    method: str = "simclr_umap"  # simclr_umap | pca_logreg | features (frozen timm backbone, the paper's recipe)
+    ssl_epochs: int = 20  # SimCLR epochs over the training images
     ssl_batch_size: int = 256
     ssl_lr: float = 1e-3
     ssl_temperature: float = 0.2
     feature_dim: int = 128  # SimCLR projection-head output (the backbone's features are 4 * width wide)
-    width: int = 16  # encoder CNN base width
+    width: int = 24  # encoder CNN base width
     umap_dim: int = 10
     umap_neighbors: int = 15
     umap_min_dist: float = 0.1
     umap_epochs: int = 200  # UMAP layout epochs
     knn_transform: int = 5  # neighbours used to embed unseen images into the UMAP space
-    logreg_c: float = 1.0  # inverse L2 strength of the multinomial logistic regression
+    # Inverse L2 strength of the multinomial logistic regression (scikit-learn's C); 0 = the method's default:
+    # 1 for simclr_umap and pca_logreg, 400 for features (= the paper's lambda = 0.0025 / N).
+    logreg_c: float = 0.0
     pca_dim: int = 50  # pca_logreg only
+    backbone: str = ""  # features only: a timm model name, e.g. vit_base_patch16_224
+    backbone_weights: str = ""  # features only: local weights file (safetensors or .pth); nothing is downloaded
+    backbone_image_size: int = 0  # features only: input side in pixels; 0 = the model's default (ViTs only)
+    # features only: central fraction of each image the backbone sees (then resized to its input side);
+    # 0.875 on 256 px crops = the usual Resize(256) + CenterCrop(224) evaluation transform of MSN / DPT.
+    backbone_crop: float = 1.0
+    backbone_batch_size: int = 128  # features only: images per backbone forward pass
 
 
 @dataclass
@@ -134,8 +149,11 @@ class EvalConfig:
 
 @dataclass
 class Stage3Config:
-    logreg_c: float = 1.0
+    logreg_c: float = 0.0  # 0 = the C stage 1 used
     generated_weight: float = 1.0  # sample weight of a generated image relative to a real labelled one
+    # Not the paper's (which uses all K images): > 0 drops generated images to which the stage-1 classifier
+    # gives less than this probability of the class they were generated for.
+    min_confidence: float = 0.0
 
 
 @dataclass
@@ -169,7 +187,7 @@ class Config:
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.name": ("mnist5k", "digits", "imagefolder", "cifar10", "mnist_idx", "latents"),
     "data.on_bad_image": ("skip", "error"),
-    "stage1.method": ("simclr_umap", "pca_logreg"),
+    "stage1.method": ("simclr_umap", "pca_logreg", "features"),
     "model.conditioning": ("token", "adaln"),
     "diffusion.schedule": ("linear", "discrete"),
     "diffusion.prediction": ("eps", "v"),
@@ -190,7 +208,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "digits": {
         "name": "digits",
         "data": {"name": "digits"},
-        "stage1": {"ssl_epochs": 3, "ssl_batch_size": 128, "width": 8, "feature_dim": 32, "umap_neighbors": 10},
+        "stage1": {"ssl_epochs": 3, "ssl_batch_size": 128, "width": 8, "feature_dim": 32, "umap_neighbors": 10,
+                   "umap_epochs": 50},
         "model": {"preset": "uvit_digits"},
         "train": {"steps": 30, "batch_size": 64, "ckpt_every": 10, "warmup_steps": 5, "log_every": 10},
         "sample": {"steps": 5},
@@ -357,7 +376,13 @@ def validate(cfg: Config) -> None:
         ("stage1.ssl_epochs", cfg.stage1.ssl_epochs >= 1, "must be >= 1"),
         ("stage1.ssl_batch_size", cfg.stage1.ssl_batch_size >= 2, "must be >= 2"),
         ("stage1.knn_transform", cfg.stage1.knn_transform >= 1, "must be >= 1"),
-        ("stage1.logreg_c", cfg.stage1.logreg_c > 0, "must be > 0"),
+        ("stage1.backbone_image_size", cfg.stage1.backbone_image_size >= 0, "must be >= 0 (0 = the model's)"),
+        ("stage1.logreg_c", cfg.stage1.logreg_c >= 0, "must be >= 0 (0 = the method's default)"),
+        ("stage1.backbone_crop", 0.0 < cfg.stage1.backbone_crop <= 1.0, "must be in (0, 1]"),
+        ("stage1.backbone_batch_size", cfg.stage1.backbone_batch_size >= 1, "must be >= 1"),
+        ("stage3.logreg_c", cfg.stage3.logreg_c >= 0, "must be >= 0 (0 = stage 1's)"),
+        ("stage3.generated_weight", cfg.stage3.generated_weight >= 0, "must be >= 0"),
+        ("stage3.min_confidence", 0.0 <= cfg.stage3.min_confidence < 1.0, "must be in [0, 1)"),
     ]
     for key, ok, what in checks:
         if not ok:

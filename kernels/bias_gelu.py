@@ -68,7 +68,9 @@ if triton is not None:
         tl.store(DB_PART + pid_m * N + cols, acc, mask=cmask)
 
 
-_BLOCK_M, _BLOCK_N = 32, 128
+# 16 x 256 tiles on 8 warps: 16 elements per thread; ptxas (sm_90) reports 80 / 95 registers (fwd / bwd),
+# no spills (32 x 128 on 4 warps needed 194 in the backward).
+_BLOCK_M, _BLOCK_N, _WARPS = 16, 256, 8
 
 
 class BiasGelu(torch.autograd.Function):
@@ -79,7 +81,7 @@ class BiasGelu(torch.autograd.Function):
         M, N = h.shape
         y = torch.empty(h.shape, dtype=out_dtype or h.dtype, device=h.device)
         grid = (triton.cdiv(M, _BLOCK_M), triton.cdiv(N, _BLOCK_N))
-        _bias_gelu_fwd_kernel[grid](h, bias, y, M, N, BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, num_warps=4)
+        _bias_gelu_fwd_kernel[grid](h, bias, y, M, N, BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, num_warps=_WARPS)
         ctx.save_for_backward(h, bias)
         return y
 
@@ -96,7 +98,7 @@ class BiasGelu(torch.autograd.Function):
         row_progs = triton.cdiv(M, rows_per_prog)
         db_part = torch.empty(row_progs, N, dtype=torch.float32, device=h.device)
         _bias_gelu_bwd_kernel[(row_progs, col_blocks)](dy, h, bias, dh, db_part, M, N, rows_per_prog,
-                                                       BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, num_warps=4)
+                                                       BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, num_warps=_WARPS)
         return dh, db_part.sum(0).to(bias.dtype), None
 
 

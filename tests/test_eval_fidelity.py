@@ -80,12 +80,16 @@ def test_bad_inputs_are_one_line_user_errors(digits, tmp_path):
         generation_metrics(x.astype(np.float32), y, x, "digits")
     with pytest.raises(UserError, match="labels"):
         generation_metrics(x, y[:5], x, "digits")
-    with pytest.raises(UserError, match="eval.feature_net"):
-        generation_metrics(x, y, x, "imagefolder")
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"junk")
     with pytest.raises(UserError, match="bad.pth"):
         generation_metrics(x, y, x, "digits", feature_net=str(bad))
+
+
+def test_data_without_a_shipped_feature_net_skips_the_metrics_with_a_note(digits):
+    m = generation_metrics(digits.x_test[:20], digits.y_test[:20], digits.x_test[20:40], "imagefolder")
+    assert m["fid"] is None and m["is"] is None and m["cas"] is None and m["precision"] is None
+    assert "eval.feature_net" in m["metrics_skipped"] and m["num_generated"] == 20 and m["num_real"] == 20
 
 
 @pytest.mark.slow

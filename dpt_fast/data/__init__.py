@@ -3,7 +3,8 @@
 `load_dataset(cfg.data)` returns an `ArrayDataset` (uint8 NCHW arrays in memory): the embedded sets
 (mnist5k, digits), CIFAR-10 python batches (cifar10), MNIST idx files (mnist_idx) and small ImageFolders
 decoded at `data.image_size` (imagefolder). Large ImageFolders are prepared once into memory-mapped shards
-(`python -m dpt_fast.data.prepare`) and read with `dpt_fast.data.latents.LatentDataset` (data.name=latents).
+(`python -m dpt_fast.data.prepare`) and read with `dpt_fast.data.latents.LatentDataset` (data.name=latents);
+`dpt_fast.data.stream` streams the images of any of them in batches (stages 1 and 3 on latents).
 """
 from __future__ import annotations
 
@@ -27,8 +28,12 @@ __all__ = [
 ]
 
 
-def load_dataset(data_cfg) -> ArrayDataset:
-    """The data set a config names, as in-memory arrays."""
+def load_dataset(data_cfg, progress: bool = True) -> ArrayDataset:
+    """The data set a config names, as in-memory arrays (`progress`: bars while an ImageFolder is decoded).
+
+    data.name=latents is not in memory: stage 2 reads it with `dpt_fast.data.latents.LatentDataset`, stages 1
+    and 3 stream its source images with `dpt_fast.data.stream.open_real_data`.
+    """
     name = data_cfg.name
     if name == "mnist5k":
         return load_mnist5k()
@@ -47,10 +52,11 @@ def load_dataset(data_cfg) -> ArrayDataset:
     if name == "imagefolder":
         from .imagefolder import load_imagefolder
 
-        return load_imagefolder(data_cfg)
+        return load_imagefolder(data_cfg, progress=progress)
     if name == "latents":
         raise UserError(
-            "data.name=latents holds VAE latents, not images: read it with dpt_fast.data.latents.LatentDataset(data.root)"
+            "data.name=latents holds VAE latents, not images: read it with dpt_fast.data.latents.LatentDataset(data.root), "
+            "its source images with dpt_fast.data.stream.open_real_data"
         )
     raise UserError(f"data.name={name} is unknown; use mnist5k, digits, cifar10, mnist_idx, imagefolder or latents")
 

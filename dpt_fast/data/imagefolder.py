@@ -367,8 +367,9 @@ def _decode_all(index: ImageIndex, size: int, progress: bool) -> np.ndarray:
 def load_imagefolder(data_cfg, progress: bool = True) -> ImageFolderDataset:
     """`data.name=imagefolder`: decode `data.root` into memory at `data.image_size`.
 
-    `root/train` + `root/val` (or `root/test`) are used as the split when present (ImageNet layout);
-    otherwise `root` itself holds the classes and a fixed 10% per class is held out (seed 0).
+    `data.test_root` set: `root` holds the training classes, `test_root` the held-out images. Otherwise
+    `root/train` + `root/val` (or `root/test`) are used as the split when present (ImageNet layout); else
+    `root` itself holds the classes and a fixed 10% per class is held out (seed 0).
     """
     if not data_cfg.root:
         raise UserError("data.name=imagefolder needs data.root=DIR (one sub-folder per class)")
@@ -376,8 +377,15 @@ def load_imagefolder(data_cfg, progress: bool = True) -> ImageFolderDataset:
         raise UserError("data.name=imagefolder needs data.image_size (the crop size, e.g. data.image_size=64)")
     root = Path(data_cfg.root).expanduser()
     size = data_cfg.image_size
+    test_root = getattr(data_cfg, "test_root", "")
     val = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
-    if (root / "train").is_dir() and val is not None:
+    if test_root:
+        if not Path(test_root).expanduser().is_dir():
+            raise UserError(f"data.test_root={test_root}: no such directory; give an ImageFolder with the training class folders")
+        train = scan_imagefolder(root, data_cfg.on_bad_image, progress=progress)
+        test = scan_imagefolder(Path(test_root).expanduser(), data_cfg.on_bad_image, classes=train.classes, progress=progress)
+        indices = [train, test]
+    elif (root / "train").is_dir() and val is not None:
         train = scan_imagefolder(root / "train", data_cfg.on_bad_image, progress=progress)
         test = scan_imagefolder(val, data_cfg.on_bad_image, classes=train.classes, progress=progress)
         indices = [train, test]

@@ -23,7 +23,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from ..utils import UserError, log, resolve_device
 from .accuracy import per_class_accuracy, top1
-from .feature_nets import load_feature_net, predict, sha256_file, shipped_feature_net, uint8_to_input
+from .feature_nets import SHIPPED, load_feature_net, predict, sha256_file, shipped_feature_net, uint8_to_input
 
 EXTRACTOR = "dpt-feature-net"
 FEATURES = "features"  # the penultimate embedding (feature_dim wide): FID, precision/recall
@@ -123,7 +123,9 @@ def generation_metrics(
     gen_images_uint8: uint8 [N, C, H, W] generated images; gen_labels: int [N] their conditioning classes;
     real_images_uint8: uint8 [M, C, H, W] real reference images (e.g. the test split). `feature_net`: '' = the
     network shipped for `data_name`, a .safetensors from scripts/train_feature_net.py, or a local
-    torch-fidelity Inception .pth (then CAS is None: Inception's classes are not ours). `progress` turns on
+    torch-fidelity Inception .pth (then CAS is None: Inception's classes are not ours). With '' for a data set
+    that ships no network (cifar10, imagefolder, ...) every metric is None and `metrics_skipped` says why (a
+    warning is logged): a finished run is not failed for want of a judge. `progress` turns on
     torch-fidelity's own progress output (worth it for Inception on large sets).
 
     Returns {fid, is, is_std, precision, recall, f_score, cas, cas_per_class, num_generated, num_real,
@@ -143,6 +145,15 @@ def generation_metrics(
     if len(gen) < 4 or len(real) < 4:
         raise UserError(f"generation metrics need at least 4 generated and 4 real images (precision/recall use 3 neighbours), got {len(gen)} and {len(real)}")
     dev = resolve_device(device)
+    if not feature_net and data_name not in SHIPPED:
+        # No judge exists for a user's data set unless one is named: report that, do not fail the run.
+        log.warning("eval: no feature network ships for data.name=%s; FID/IS/precision/recall/CAS skipped (set "
+                    "eval.feature_net to a local torch-fidelity Inception .pth or a scripts/train_feature_net.py "
+                    ".safetensors to get them)", data_name)
+        return {**{k: None for k in ("fid", "is", "is_std", "precision", "recall", "f_score", "cas", "cas_per_class",
+                                     "feature_net", "feature_net_sha256")},
+                "num_generated": len(gen), "num_real": len(real), "eval_seconds": time.time() - t0,
+                "metrics_skipped": f"no feature network for data.name={data_name}; set eval.feature_net"}
     path = Path(feature_net) if feature_net else shipped_feature_net(data_name)
     inception = path.suffix == ".pth"
 

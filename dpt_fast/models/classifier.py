@@ -57,6 +57,18 @@ class LinearHead:
     def predict(self, x: np.ndarray) -> np.ndarray:
         return self.logits(x).argmax(axis=1).astype(np.int64)
 
+    def label_prob(self, x: np.ndarray, labels: np.ndarray | None = None, rows: int = 16384
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """(arg-max class int64 [N], probability float32 [N] of `labels`, or of the arg-max when None), computed
+        `rows` at a time, so that x may be a memory-mapped [N, D] array and [N, K] never exists at once."""
+        pred, prob = np.zeros(len(x), np.int64), np.zeros(len(x), np.float32)
+        for i in range(0, len(x), rows):
+            p = self.predict_proba(np.asarray(x[i:i + rows]))
+            pred[i:i + len(p)] = p.argmax(1)
+            pick = pred[i:i + len(p)] if labels is None else labels[i:i + len(p)]
+            prob[i:i + len(p)] = p[np.arange(len(p)), pick]
+        return pred, prob
+
     def save(self, path: str | Path) -> None:
         with atomic_path(path) as tmp:
             save_file({"coef": torch.from_numpy(np.ascontiguousarray(self.coef, np.float32)),
@@ -80,7 +92,7 @@ def fit_logreg(x: np.ndarray, y: np.ndarray, c: float, num_classes: int,
     present = np.unique(y)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # lbfgs convergence notes on tiny labelled sets
-        clf = LogisticRegression(C=c, max_iter=max_iter, tol=1e-6)
+        clf = LogisticRegression(C=c, max_iter=max_iter)
         clf.fit(np.asarray(x, np.float64), y, sample_weight=sample_weight)
     d = x.shape[1]
     coef = np.zeros((num_classes, d), np.float64)
@@ -107,6 +119,9 @@ class Space(Protocol):
 
     def embed(self, images: np.ndarray, progress: bool = False) -> np.ndarray:
         """uint8 images [N, C, H, W] -> float32 [N, D]."""
+
+    def embed_train(self, train_images: np.ndarray, indices: np.ndarray) -> np.ndarray:
+        """The inputs stage 1's classifier saw for these training images, float32 [len(indices), D]."""
 
     def save(self, directory: Path) -> None: ...
 
@@ -150,6 +165,9 @@ class SimclrUmapSpace:
     def embed(self, images: np.ndarray, progress: bool = False) -> np.ndarray:
         return knn_embed(self.features(images), self.train_feats, self.train_coords, self.knn)
 
+    def embed_train(self, train_images: np.ndarray, indices: np.ndarray) -> np.ndarray:
+        return self.train_coords[indices]  # UMAP placed the training images themselves
+
     def save(self, directory: Path) -> None:
         save_encoder(self.encoder, self.encoder_meta, directory / "encoder.safetensors")
         save_npz(directory / "space.npz", train_features=self.train_feats, train_coords=self.train_coords)
@@ -183,6 +201,9 @@ class PcaSpace:
         x = images.reshape(len(images), -1).astype(np.float32) / 255.0
         return (x - self.mean) @ self.components.T
 
+    def embed_train(self, train_images: np.ndarray, indices: np.ndarray) -> np.ndarray:
+        return self.embed(train_images[indices])
+
     def save(self, directory: Path) -> None:
         save_npz(directory / "space.npz", mean=self.mean, components=self.components)
         write_json(directory / "space.json", {"kind": self.kind})
@@ -212,7 +233,116 @@ def load_encoder(path: Path) -> tuple[ConvEncoder, dict]:
     return model.eval(), meta
 
 
-_SPACES = {"simclr_umap": SimclrUmapSpace, "pca": PcaSpace}
+
+
+class BackboneSpace:
+    """Frozen timm backbone features, each row centred (minus its own mean) and L2-normalised.
+
+    This is the paper's recipe for MSN features (cyanure `preprocess(centering=True, normalize=True,
+    columns=False)` works on rows). Weights come from a local file (safetensors, or a .pth/.pt/.bin loaded
+    with weights_only=True); nothing is downloaded. Each image's central `crop` fraction is resized to the
+    model's input size and normalised with its mean/std; grey images are repeated to 3 channels.
+    """
+
+    kind = "backbone"
+
+    def __init__(self, name: str, weights: str, device: torch.device | str = "cpu", image_size: int = 0,
+                 batch_size: int = 128, crop: float = 1.0):
+        import timm
+
+        path = Path(weights).expanduser()
+        if not weights or not path.is_file():
+            raise UserError(f"stage1.backbone_weights={weights!r}: no such file; point it at local weights for "
+                            f"stage1.backbone={name} (nothing is downloaded)")
+        kwargs = {"img_size": image_size} if image_size else {}
+        try:
+            model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+        except RuntimeError as e:  # timm: "Unknown model (...)"
+            raise UserError(f"stage1.backbone={name}: {e}; use a timm model name") from None
+        except TypeError:
+            raise UserError(f"stage1.backbone={name} takes no image size; set stage1.backbone_image_size=0") from None
+        state = _read_weights(path)
+        missing, _ = model.load_state_dict(state, strict=False)
+        if missing:
+            raise UserError(f"{path}: {len(missing)} weights of {name} are missing (e.g. {missing[0]}); "
+                            "is it a checkpoint of this architecture?")
+        cfg = timm.data.resolve_model_data_config(model)
+        self.name, self.weights, self.device, self.batch_size = name, str(path.resolve()), torch.device(device), batch_size
+        self.image_size, self.crop = image_size, crop
+        self.input_size = (image_size, image_size) if image_size else tuple(cfg["input_size"][1:])
+        self.mean = torch.tensor(cfg["mean"]).view(1, 3, 1, 1).to(self.device)
+        self.std = torch.tensor(cfg["std"]).view(1, 3, 1, 1).to(self.device)
+        self.model = model.eval().to(self.device)
+        self.dim = int(model.num_features)
+
+    def identity(self) -> dict:
+        """What the features of an image depend on (keys the on-disk feature caches): model, weights, input."""
+        st = Path(self.weights).stat()
+        return {"backbone": self.name, "weights": self.weights, "weights_bytes": st.st_size,
+                "weights_mtime_ns": st.st_mtime_ns, "input_size": list(self.input_size), "crop": self.crop}
+
+    @torch.no_grad()
+    def embed_tensor(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [n, C, H, W] (C = 1 or 3, on any device) -> float32 [n, dim] on the CPU."""
+        x = images.to(self.device, non_blocking=True).float().div_(255.0)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        if self.crop < 1.0:  # the central crop, at integer offsets (as torchvision's CenterCrop)
+            h, w = x.shape[2:]
+            ch, cw = max(1, round(h * self.crop)), max(1, round(w * self.crop))
+            top, left = (h - ch) // 2, (w - cw) // 2
+            x = x[:, :, top:top + ch, left:left + cw]
+        if tuple(x.shape[2:]) != self.input_size:
+            x = F.interpolate(x, size=self.input_size, mode="bicubic", antialias=True, align_corners=False)
+        f = self.model((x - self.mean) / self.std).float()
+        return F.normalize(f - f.mean(dim=1, keepdim=True), dim=1).cpu()
+
+    def embed(self, images: np.ndarray, progress: bool = False) -> np.ndarray:
+        from tqdm.auto import tqdm
+
+        out = [self.embed_tensor(torch.as_tensor(images[i:i + self.batch_size]))
+               for i in tqdm(range(0, len(images), self.batch_size), desc="backbone features", disable=not progress)]
+        return torch.cat(out).numpy() if out else np.zeros((0, self.dim), np.float32)
+
+    def embed_train(self, train_images: np.ndarray, indices: np.ndarray) -> np.ndarray:
+        return self.embed(train_images[indices])
+
+    def save(self, directory: Path) -> None:
+        write_json(directory / "space.json", {"kind": self.kind, "backbone": self.name, "weights": self.weights,
+                                              "image_size": self.image_size, "crop": self.crop,
+                                              "batch_size": self.batch_size, "dim": self.dim})
+
+    @classmethod
+    def load(cls, directory: Path, meta: dict, device: torch.device | str = "cpu") -> "BackboneSpace":
+        return cls(meta["backbone"], meta["weights"], device, int(meta.get("image_size", 0)),
+                   int(meta.get("batch_size", 128)), float(meta.get("crop", 1.0)))
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from safetensors or a weights-only torch file; common wrappers and prefixes removed."""
+    if path.suffix == ".safetensors":
+        state = load_file(str(path))
+    else:
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
+            raise UserError(f"{path}: cannot read weights ({type(e).__name__}); use safetensors or a plain state dict") from None
+    for key in ("state_dict", "model", "target_encoder", "encoder"):  # training checkpoints (MSN: target_encoder)
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: expected a state dict of tensors")
+    out = {}
+    for k, v in state.items():
+        for prefix in ("module.", "backbone."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out
+
+
+_SPACES = {"simclr_umap": SimclrUmapSpace, "pca": PcaSpace, "backbone": BackboneSpace}
 
 
 def load_space(directory: str | Path, device: torch.device | str = "cpu") -> Space:

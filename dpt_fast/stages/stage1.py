@@ -7,15 +7,25 @@ logistic regression fitted on the labelled images only. Methods (`stage1.method`
   reduced by UMAP (fitted on the training images); unseen images (test, generated) are placed in the UMAP space
   by a kNN in SimCLR feature space (see `models.classifier.SimclrUmapSpace`).
 - pca_logreg: PCA of the pixels + logistic regression (the simple baseline).
+- features (real data, the paper's recipe): frozen timm backbone features (rows centred, L2-normalised) +
+  logistic regression with the paper's lambda = 0.0025 / N (C = 400). The images are streamed in batches
+  (`dpt_fast.data.stream`), so this works at ImageNet scale and is the only method for data.name=latents,
+  whose images are decoded again from the folder the latents were prepared from (index i = latent i).
 
 Outputs (run directory contract + what stage 3 needs, no pickle):
     split.json                      the labelled training indices
     stage1/pseudo_labels.npz        index, label (int64), prob (float32) for every training image; a labelled
                                     image carries its true label with prob 1.0, every other image the
                                     classifier's arg-max and its probability
-    stage1/space.json, space.npz    the frozen representation (+ encoder.safetensors for simclr_umap)
+    stage1/space.json, space.npz    the frozen representation: for simclr_umap the training images' SimCLR
+                                    features and UMAP coordinates (what places unseen images), + the encoder
+    stage1/encoder.safetensors      the trained SimCLR encoder (its config + SSL fingerprint in the metadata)
+    stage1/simclr_ckpt.safetensors  while training: model, AdamW state and augmentation RNG after each epoch
     stage1/head.safetensors         the logistic-regression head
-    stage1/encoder/                 SimCLR training checkpoint (resumable), keyed by its own fingerprint
+    stage1/train_features.npy/.json features only: float32 [N, D] backbone features of every training image
+    stage1/test_features.npy/.json  (memory-mapped; filled in chunks, a killed run continues) and of the test
+    stage1/test_labels.npz          images, with their labels: what stage 3 reads instead of the images
+A killed run continues SimCLR from its last epoch and ends with the same weights as an uninterrupted one.
 Re-running with another split but the same SSL/UMAP config reuses the encoder and the UMAP coordinates.
 """
 from __future__ import annotations
@@ -33,14 +43,16 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..config import Config
-from ..data import ArrayDataset, labelled_indices, load_dataset, save_split
-from ..models.classifier import PcaSpace, SimclrUmapSpace, fit_logreg, load_encoder, save_encoder
+from ..data import ArrayDataset, save_split, select_labelled
+from ..data.stream import RealData, cached_features, open_real_data
+from ..models.classifier import (PAPER_LOGREG_C, BackboneSpace, PcaSpace, SimclrUmapSpace, fit_logreg, load_encoder,
+                                 save_encoder)
 from ..models.encoder import ConvEncoder, augment, encode, nt_xent
 from ..utils import UserError, atomic_path, log, read_json, resolve_device, save_npz
 from .rundir import RunDir
 
 SSL_KEYS = ("ssl_epochs", "ssl_batch_size", "ssl_lr", "ssl_temperature", "feature_dim", "width")
-UMAP_KEYS = ("umap_dim", "umap_neighbors", "umap_min_dist")
+UMAP_KEYS = ("umap_dim", "umap_neighbors", "umap_min_dist", "umap_epochs")
 
 
 def _hash(obj: dict) -> str:
@@ -187,9 +199,15 @@ def fit_umap(feats: np.ndarray, cfg: Config, progress: bool = True) -> np.ndarra
     reducer = umap.UMAP(n_components=s1.umap_dim, n_neighbors=k, min_dist=s1.umap_min_dist,
                         n_epochs=s1.umap_epochs, random_state=cfg.seed, precomputed_knn=exact_knn(feats, k),
                         tqdm_kwds={"desc": "stage 1 UMAP", "disable": not progress})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # no NNDescent index (we never call transform); n_jobs with a seed
-        coords = reducer.fit_transform(feats)
+    threads = torch.get_num_threads()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # no NNDescent index (we never call transform); n_jobs with a seed
+            coords = reducer.fit_transform(feats)
+    finally:
+        # numba's OpenMP layer starts with one thread per core and resets the process-wide OpenMP count
+        # that torch uses; put torch's (cfg.num_threads) back so later stages run as configured.
+        torch.set_num_threads(threads)
     return np.asarray(coords, np.float32)
 
 
@@ -214,10 +232,33 @@ def _simclr_umap_space(cfg: Config, ds: ArrayDataset, out: Path, progress: bool,
 # ----------------------------------------------------------------------------------------------
 # The stage
 # ----------------------------------------------------------------------------------------------
-def _labelled(cfg: Config, y: np.ndarray) -> np.ndarray:
-    if cfg.split.subset_file:
-        raise UserError("split.subset_file is not supported by stage 1 yet; use split.labels_per_class or split.fraction")
-    return labelled_indices(y, cfg.split.labels_per_class, cfg.split.fraction, cfg.split.seed)
+def logreg_c(cfg: Config) -> float:
+    """stage1.logreg_c, or the method's default when it is 0 (see config.Stage1Config)."""
+    if cfg.stage1.logreg_c > 0:
+        return cfg.stage1.logreg_c
+    return PAPER_LOGREG_C if cfg.stage1.method == "features" else 1.0
+
+
+def backbone_features(cfg: Config, real: RealData, out: Path, device, progress: bool = True
+                      ) -> tuple[BackboneSpace, np.ndarray, np.ndarray]:
+    """The frozen backbone and its features of every training and test image: float32 [N, D], [M, D] memmaps.
+
+    Cached in `out` (train_features.npy, test_features.npy) keyed by the backbone's weights and input and by the
+    images, so a killed run continues where it stopped and a new split or C re-uses them.
+    """
+    s1 = cfg.stage1
+    if not s1.backbone:
+        raise UserError("stage1.method=features needs stage1.backbone=<timm model name> and stage1.backbone_weights=FILE")
+    space = BackboneSpace(s1.backbone, s1.backbone_weights, device, s1.backbone_image_size, s1.backbone_batch_size,
+                          s1.backbone_crop)
+    log.info("stage 1: %s features (dim %d, input %s, crop %.3f) of %d training and %d test images on %s",
+             s1.backbone, space.dim, "x".join(map(str, space.input_size)), space.crop, len(real.train),
+             len(real.test), device)
+    key = space.identity()
+    feats = [cached_features(space.embed_tensor, src, out / f"{part}_features.npy", key=key, dim=space.dim,
+                             batch_size=s1.backbone_batch_size, progress=progress, desc=f"stage 1 features ({part})")
+             for part, src in (("train", real.train), ("test", real.test))]
+    return space, feats[0], feats[1]
 
 
 def run(cfg: Config, rd: RunDir, progress: bool = True) -> dict:
@@ -227,42 +268,57 @@ def run(cfg: Config, rd: RunDir, progress: bool = True) -> dict:
     out = rd.stage(1)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
-    ds = load_dataset(cfg.data)
-    y = ds.y_train
-    labelled = _labelled(cfg, y)
+    if cfg.data.name == "latents" and s1.method != "features":
+        raise UserError(f"stage1.method={s1.method} needs the images in memory; data.name=latents streams them: use "
+                        "stage1.method=features with stage1.backbone=<timm name> stage1.backbone_weights=FILE")
+    if s1.method == "features":
+        from ..diffusion.train import setup_distributed
+
+        _, _, device = setup_distributed(device)  # under torchrun the ranks share the feature extraction
+    real = open_real_data(cfg.data, device, progress)
+    y = real.y_train
+    labelled = select_labelled(cfg.split, y, real.files, real.skipped)
     save_split(rd.split, labelled, len(y), labels_per_class=cfg.split.labels_per_class,
                fraction=cfg.split.fraction, seed=cfg.split.seed, data=cfg.data.name)
+    log.info("stage 1: %s on %s (%d threads), %d training images, %d labelled", s1.method, device,
+             torch.get_num_threads(), len(y), len(labelled))
 
-    if s1.method == "simclr_umap":
-        space = _simclr_umap_space(cfg, ds, out, progress, device)
-        x_train = space.train_coords
-    elif s1.method == "pca_logreg":
-        space = PcaSpace.fit(ds.x_train, s1.pca_dim, cfg.seed)
-        x_train = space.embed(ds.x_train)
-    else:  # config validation keeps this unreachable
-        raise UserError(f"stage1.method={s1.method} is not implemented")
+    if s1.method == "features":
+        space, x_train, x_test = backbone_features(cfg, real, out, device, progress)
+        save_npz(out / "test_labels.npz", label=real.y_test.astype(np.int64))
+    else:
+        ds = real.arrays
+        if s1.method == "simclr_umap":
+            space = _simclr_umap_space(cfg, ds, out, progress, device)
+            x_train = space.train_coords
+        else:  # pca_logreg
+            space = PcaSpace.fit(ds.x_train, s1.pca_dim, cfg.seed)
+            x_train = space.embed(ds.x_train)
+        x_test = space.embed(ds.x_test, progress=progress)
     space.save(out)
 
-    head = fit_logreg(x_train[labelled], y[labelled], s1.logreg_c, ds.num_classes)
+    c = logreg_c(cfg)
+    head = fit_logreg(np.asarray(x_train[labelled]), y[labelled], c, real.num_classes)
     head.save(out / "head.safetensors")
-    prob = head.predict_proba(x_train)
-    label, conf = prob.argmax(1).astype(np.int64), prob.max(1).astype(np.float32)
+    label, conf = head.label_prob(x_train)
     fits_labels = float((label[labelled] == y[labelled]).mean())
     label[labelled], conf[labelled] = y[labelled], 1.0  # the known labels are kept, with certainty
     save_npz(rd.pseudo_labels, index=np.arange(len(y), dtype=np.int64), label=label, prob=conf)
 
-    test_pred = head.predict(space.embed(ds.x_test))
+    test_pred = head.label_prob(x_test)[0]
     unl = np.setdiff1d(np.arange(len(y)), labelled)
     return {
         "method": s1.method,
+        "logreg_c": c,
         "pseudo_label_accuracy": float((label == y).mean()),
-        "unlabelled_accuracy": float((label[unl] == y[unl]).mean()),
+        "unlabelled_accuracy": float((label[unl] == y[unl]).mean()) if len(unl) else None,
         "labelled_fit_accuracy": fits_labels,
         "labelled": int(len(labelled)),
         "unlabelled": int(len(unl)),
-        "test_top1": float((test_pred == ds.y_test).mean()),
-        "mean_confidence_unlabelled": float(conf[unl].mean()),
-        "pseudo_label_counts": np.bincount(label, minlength=ds.num_classes).tolist(),
+        "test_top1": float((test_pred == real.y_test).mean()) if len(real.y_test) else None,
+        "num_test": int(len(real.y_test)),
+        "mean_confidence_unlabelled": float(conf[unl].mean()) if len(unl) else None,
+        "pseudo_label_counts": np.bincount(label, minlength=real.num_classes).tolist(),
         "seconds": time.time() - t0,
         "cpu_seconds": time.process_time() - c0,
     }
