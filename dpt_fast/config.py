@@ -90,6 +90,7 @@ class ModelConfig:
     conv: Optional[bool] = None
     skip: Optional[bool] = None
     conditioning: str = "token"  # token (the paper's) | adaln (DiT-style adaLN-Zero)
+    pos_embed_init: str = "trunc_normal"  # trunc_normal (official, std .02) | sincos (2-D sin-cos start, MAE/DiT)
     use_checkpoint: bool = False
 
 
@@ -144,6 +145,7 @@ class GenConfig:
 class EvalConfig:
     feature_net: str = ""  # safetensors of the FID/CAS feature network; "" = the one shipped for the data set
     num_real: int = 0  # real images for FID; 0 = the whole test split
+    num_gen_per_class: int = 0  # generated images per class that stage 2 evaluates; 0 = all of them
     fid: bool = True
 
 
@@ -189,6 +191,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.on_bad_image": ("skip", "error"),
     "stage1.method": ("simclr_umap", "pca_logreg", "features"),
     "model.conditioning": ("token", "adaln"),
+    "model.pos_embed_init": ("trunc_normal", "sincos"),
     "diffusion.schedule": ("linear", "discrete"),
     "diffusion.prediction": ("eps", "v"),
     "train.precision": ("auto", "fp32", "bf16"),
@@ -370,6 +373,8 @@ def validate(cfg: Config) -> None:
         ("gen.k_per_class", cfg.gen.k_per_class >= 1, "must be >= 1"),
         ("gen.batch_size", cfg.gen.batch_size >= 1, "must be >= 1"),
         ("gen.shard_size", cfg.gen.shard_size >= 1, "must be >= 1"),
+        ("eval.num_real", cfg.eval.num_real >= 0, "must be >= 0 (0 = the whole test split)"),
+        ("eval.num_gen_per_class", cfg.eval.num_gen_per_class >= 0, "must be >= 0 (0 = all generated images)"),
         ("stage1.umap_dim", cfg.stage1.umap_dim >= 2, "must be >= 2"),
         ("stage1.umap_neighbors", cfg.stage1.umap_neighbors >= 2, "must be >= 2"),
         ("stage1.umap_epochs", cfg.stage1.umap_epochs >= 1, "must be >= 1"),

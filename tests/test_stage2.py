@@ -135,3 +135,34 @@ def test_stage2_trains_on_vae_latents_and_decodes_what_it_generates(tmp_path):
     assert images.shape == (4, 3, 16, 16) and images.dtype == np.uint8 and sorted(gen_labels.tolist()) == [0, 0, 1, 1]
     assert list_checkpoints(rd.checkpoints)[-1] == 2 and rd.samples_png.exists()
     assert metrics["cas"] is None and metrics["train_steps"] == 2  # no feature network for latents: metrics skipped
+
+
+def test_eval_num_gen_per_class_evaluates_a_per_class_subsample(rd):
+    metrics = run_stages(_cfg("eval.num_gen_per_class=2"), rd.root, [2], progress=False)[2]
+    assert metrics["num_generated"] == 20  # 2 of the 4 images of each of 10 classes
+    images, labels = load_generated(rd.generated, per_class=2)
+    full, full_labels = load_generated(rd.generated)
+    assert np.bincount(labels, minlength=10).tolist() == [2] * 10
+    # the first two of each class, in generation order
+    first = np.concatenate([np.flatnonzero(full_labels == c)[:2] for c in range(10)])
+    np.testing.assert_array_equal(np.sort(first), np.flatnonzero(np.isin(np.arange(len(full)), first)))
+    np.testing.assert_array_equal(images, full[np.sort(first)])
+
+
+def test_eval_fid_false_gives_cas_alone(rd):
+    metrics = run_stages(_cfg("eval.fid=false"), rd.root, [2], progress=False)[2]
+    assert metrics["fid"] is None and 0.0 <= metrics["cas"] <= 1.0 and len(metrics["cas_per_class"]) == 10
+
+
+def test_cas_alone_without_a_feature_network_is_skipped_not_failed():
+    from dpt_fast.eval import class_agreement
+
+    m = class_agreement(np.zeros((4, 3, 8, 8), np.uint8), np.arange(4), "cifar10")
+    assert m["cas"] is None and "eval.feature_net" in m["metrics_skipped"]
+
+
+def test_train_fingerprint_ignores_the_test_split_and_source_images():
+    y = torch.arange(10)
+    base = stage2.train_fingerprint(_cfg(), y)
+    assert stage2.train_fingerprint(_cfg("data.test_root=/x", "data.image_root=/y"), y) == base
+    assert stage2.train_fingerprint(_cfg("train.lr=1e-3"), y) != base

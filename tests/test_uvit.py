@@ -256,3 +256,22 @@ def test_forward_flops_matches_torch_flop_counter(kw):
     with FlopCounterMode(display=False) as counter:
         m(x, t, y)
     assert m.forward_flops() == counter.get_total_flops()
+
+
+def test_sincos_pos_embed_init_starts_patches_at_the_2d_table_and_extras_at_zero():
+    from dpt_fast.models.uvit import UViT, sincos_pos_embed_2d
+
+    table = sincos_pos_embed_2d(16, 3)
+    assert table.shape == (9, 16)
+    # patch (r, c) = row r*3+c: first half encodes the row, second half the column; position 0 is sin 0 / cos 1
+    torch.testing.assert_close(table[0], torch.tensor([0.0] * 4 + [1.0] * 4 + [0.0] * 4 + [1.0] * 4))
+    torch.testing.assert_close(table[1, :8], table[0, :8])  # same row
+    torch.testing.assert_close(table[3, 8:], table[0, 8:])  # same column
+    assert not torch.allclose(table[1, 8:], table[0, 8:])
+    m = UViT(img_size=6, patch_size=2, in_chans=1, embed_dim=16, depth=2, num_heads=2, num_classes=3,
+             pos_embed_init="sincos")
+    assert m.extras == 2 and torch.equal(m.pos_embed[0, :2], torch.zeros(2, 16))
+    torch.testing.assert_close(m.pos_embed[0, 2:], table)
+    assert m.pos_embed.requires_grad  # a starting point, still learned
+    with pytest.raises(ValueError, match="pos_embed_init"):
+        UViT(img_size=6, patch_size=2, in_chans=1, embed_dim=16, depth=2, num_heads=2, pos_embed_init="zeros")

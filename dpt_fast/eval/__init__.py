@@ -12,6 +12,7 @@ import importlib
 
 _EXPORTS = {
     "generation_metrics": ".fidelity",
+    "class_agreement": ".fidelity",
     "classifier_accuracy": ".accuracy",
     "top1": ".accuracy",
     "per_class_accuracy": ".accuracy",

@@ -217,3 +217,29 @@ def generation_metrics(
         "feature_net_sha256": sha256_file(path),
         "eval_seconds": time.time() - t0,
     }
+
+
+def class_agreement(gen_images_uint8, gen_labels, data_name: str, feature_net: str = "", device: str = "cpu") -> dict:
+    """CAS alone (no FID): the share of generated images the feature network puts in their conditioning class.
+
+    Same judge as `generation_metrics` (eval.feature_net, or the network shipped for `data_name`); with none
+    for the data, or an Inception .pth (its classes are not ours), CAS is None with a note, not an error.
+    """
+    t0 = time.time()
+    gen = _as_uint8_images(gen_images_uint8, "generated images")
+    labels = torch.as_tensor(np.asarray(gen_labels)).long().cpu()
+    out = {"fid": None, "is": None, "precision": None, "recall": None, "cas": None, "cas_per_class": None,
+           "num_generated": len(gen)}
+    if not feature_net and data_name not in SHIPPED:
+        log.warning("eval: no feature network ships for data.name=%s; CAS skipped (set eval.feature_net)", data_name)
+        return {**out, "metrics_skipped": f"no feature network for data.name={data_name}; set eval.feature_net",
+                "eval_seconds": time.time() - t0}
+    path = Path(feature_net) if feature_net else shipped_feature_net(data_name)
+    if path.suffix == ".pth":
+        return {**out, "metrics_skipped": "CAS needs a feature network trained on this data's classes, not Inception",
+                "eval_seconds": time.time() - t0}
+    net = load_feature_net(path, resolve_device(device))
+    _, logits = predict(net, gen)
+    return {**out, "cas": top1(logits, labels), "cas_per_class": per_class_accuracy(logits, labels, net.num_classes),
+            "feature_net": f"shipped:{data_name}" if not feature_net else str(path),
+            "feature_net_sha256": sha256_file(path), "eval_seconds": time.time() - t0}

@@ -294,8 +294,12 @@ def generate(
             "out_dir": str(out_dir)}
 
 
-def load_generated(out_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 [N, C, H, W], labels int64 [N]) of a complete generation; UserError if missing/incomplete."""
+def load_generated(out_dir: str | Path, per_class: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [N, C, H, W], labels int64 [N]) of a complete generation; UserError if missing/incomplete.
+
+    per_class > 0 keeps only the first `per_class` images of each class (in generation order, so the same
+    images every time) and holds only those in memory: evaluation of a large generation on a subsample.
+    """
     out_dir = Path(out_dir)
     path = out_dir / MANIFEST
     if not path.is_file():
@@ -304,11 +308,20 @@ def load_generated(out_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
     if not man.get("complete"):
         raise UserError(f"{out_dir}: the generation is incomplete; re-run stage 2 to finish it")
     images, labels = [], []
+    taken: dict[int, int] = {}
     for s in range(int(man["num_shards"])):
         p = _shard_path(out_dir, s)
         if not p.is_file():
             raise UserError(f"{p} is missing; re-run stage 2 to regenerate it")
         z = load_npz(p, keys=("images", "labels", "index"))
-        images.append(z["images"])
-        labels.append(z["labels"])
+        x, y = z["images"], z["labels"]
+        if per_class > 0:
+            keep = np.zeros(len(y), dtype=bool)
+            for i, c in enumerate(y.tolist()):
+                if taken.get(c, 0) < per_class:
+                    taken[c] = taken.get(c, 0) + 1
+                    keep[i] = True
+            x, y = x[keep], y[keep]
+        images.append(x)
+        labels.append(y)
     return np.concatenate(images), np.concatenate(labels).astype(np.int64)

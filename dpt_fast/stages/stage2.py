@@ -35,6 +35,8 @@ from .rundir import RunDir
 
 # Train settings that do not change the weights at a given step: a checkpoint made with other values resumes.
 _RESUMABLE_KEYS = ("steps", "ckpt_every", "keep_checkpoints", "log_every")
+# Data settings stage 2 does not train on (the test split; source images that stages 1 and 3 re-decode).
+_NOT_TRAINED_ON = ("test_root", "image_root")
 
 
 def load_pseudo_labels(rd: RunDir, n_train: int, num_classes: int) -> torch.Tensor:
@@ -59,7 +61,8 @@ def train_fingerprint(cfg: Config, labels: torch.Tensor) -> str:
     """What the weights at a given step depend on: data, labels, model, diffusion and train settings, seed."""
     d = cfg.to_dict()
     train = {k: v for k, v in d["train"].items() if k not in _RESUMABLE_KEYS}
-    sub = {"seed": d["seed"], "data": d["data"], "model": d["model"], "diffusion": d["diffusion"], "train": train,
+    data = {k: v for k, v in d["data"].items() if k not in _NOT_TRAINED_ON}
+    sub = {"seed": d["seed"], "data": data, "model": d["model"], "diffusion": d["diffusion"], "train": train,
            "labels": hashlib.sha256(labels.numpy().tobytes()).hexdigest()}
     return hashlib.sha256(json.dumps(sub, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -90,7 +93,7 @@ class _Latents:
         return self.ds.sample(index.numpy(), generator=generator, device=device)
 
 
-def _load_data(cfg: Config, device: torch.device) -> _Data:
+def _load_data(cfg: Config, device: torch.device, progress: bool = True) -> _Data:
     if cfg.data.name == "latents":
         from ..data.latents import LatentDataset
         from ..data.vae import decode, load_vae
@@ -112,7 +115,7 @@ def _load_data(cfg: Config, device: torch.device) -> _Data:
 
         return _Data(_Latents(ds), ds.num_classes, tuple(ds.latent_shape), "latents", real, vae_decode)
 
-    ds = load_dataset(cfg.data)
+    ds = load_dataset(cfg.data, progress=progress)
 
     def real_test() -> np.ndarray:
         real = ds.x_test
@@ -127,7 +130,7 @@ def _load_data(cfg: Config, device: torch.device) -> _Data:
 def run(cfg: Config, rd: RunDir, progress: bool = True) -> dict:
     t_start = time.time()
     rank, world, device = setup_distributed(resolve_device(cfg.device))
-    data = _load_data(cfg, device)
+    data = _load_data(cfg, device, progress)
     num_classes = data.num_classes
     labels = load_pseudo_labels(rd, len(data.x), num_classes)
 
@@ -188,9 +191,9 @@ def run(cfg: Config, rd: RunDir, progress: bool = True) -> dict:
 
 def _evaluate(cfg: Config, rd: RunDir, data: _Data, device: torch.device) -> dict:
     """samples.png and the generation metrics of the generated images against the real reference images."""
-    from ..eval import generation_metrics, save_grid
+    from ..eval import class_agreement, generation_metrics, save_grid
 
-    images, labels = load_generated(rd.generated)
+    images, labels = load_generated(rd.generated, per_class=cfg.eval.num_gen_per_class)
     save_grid(images, labels, rd.samples_png, per_class=10, num_classes=data.num_classes)
     t0 = time.time()
     none = {"fid": None, "is": None, "cas": None, "num_generated": len(images)}
@@ -198,18 +201,11 @@ def _evaluate(cfg: Config, rd: RunDir, data: _Data, device: torch.device) -> dic
         log.warning("stage 2: no feature network for latent data: set eval.feature_net (e.g. torch-fidelity's Inception "
                     "weights) to get FID/IS; metrics skipped")
         return none
-    real = data.real_images()
     if cfg.eval.fid:
-        m = generation_metrics(images, labels, real, data.name, feature_net=cfg.eval.feature_net, device=str(device))
+        m = generation_metrics(images, labels, data.real_images(), data.name, feature_net=cfg.eval.feature_net,
+                               device=str(device))
     else:  # CAS only: the share of generated images the feature network puts in their conditioning class
-        from ..eval import load_feature_net, per_class_accuracy, shipped_feature_net, top1
-        from ..eval.feature_nets import predict
-
-        net = load_feature_net(cfg.eval.feature_net or shipped_feature_net(data.name), device)
-        _, logits = predict(net, images)
-        lab = torch.as_tensor(labels)
-        m = {**none, "cas": top1(logits, lab), "cas_per_class": per_class_accuracy(logits, lab, net.num_classes),
-             "num_real": len(real)}
+        m = class_agreement(images, labels, data.name, feature_net=cfg.eval.feature_net, device=str(device))
     m["metrics_seconds"] = time.time() - t0
     return m
 
