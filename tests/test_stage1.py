@@ -166,3 +166,34 @@ def test_fit_umap_puts_back_the_torch_thread_count_that_numba_resets(monkeypatch
     finally:
         torch.set_num_threads(n)
     assert coords.shape == (20, 10) and coords.dtype == np.float32
+
+
+def test_simclr_noise_augmentation_speckles_half_the_views_and_leaves_the_rest_as_before():
+    import torch
+
+    from dpt_fast.models.encoder import augment
+
+    x = torch.zeros(64, 1, 12, 12)
+    x[:, :, 4:8, 4:8] = 1.0
+    plain = augment(x, torch.Generator().manual_seed(0))
+    same = augment(x, torch.Generator().manual_seed(0), noise=0.0)
+    assert torch.equal(plain, same)  # noise=0 draws nothing more: the old views exactly
+    noisy = augment(x, torch.Generator().manual_seed(0), noise=0.3)
+    assert noisy.min() >= -1.0 and noisy.max() <= 1.0
+    changed = (noisy != plain).flatten(1).any(1).float().mean().item()
+    assert 0.25 < changed < 0.75  # about half of the views
+    # the background of a speckled view is no longer flat black
+    assert (noisy[(noisy != plain).flatten(1).any(1)] > -1.0).float().mean() > 0.3
+
+
+def test_mnist5k_preset_is_the_tuned_cpu_recipe_and_the_dataclass_defaults_the_papers():
+    from dpt_fast.config import Config, load_config
+    from dpt_fast.models.uvit import uvit_kwargs
+
+    cfg = load_config("mnist5k")
+    assert (cfg.diffusion.prediction, cfg.train.lr, tuple(cfg.train.betas), cfg.sample.cfg_scale) == ("v", 1e-3, (0.9, 0.99), 3.0)
+    paper = Config()
+    assert (paper.diffusion.prediction, paper.train.lr, tuple(paper.train.betas), paper.sample.cfg_scale) == ("eps", 2e-4, (0.99, 0.99), 0.4)
+    kw = uvit_kwargs(cfg.model, 11)
+    assert (kw["patch_size"], kw["embed_dim"], kw["depth"], kw["pos_embed_init"], kw["conv"]) == (7, 128, 6, "sincos", False)
+    assert uvit_kwargs(load_config("mnist5k", ["model.pos_embed_init=trunc_normal"]).model, 11)["pos_embed_init"] == "trunc_normal"

@@ -59,13 +59,16 @@ def _uniform(gen: torch.Generator, n: int, lo: float, hi: float) -> torch.Tensor
     return torch.rand(n, generator=gen) * (hi - lo) + lo
 
 
-def augment(x: torch.Tensor, gen: torch.Generator, strength: float = 1.0) -> torch.Tensor:
+def augment(x: torch.Tensor, gen: torch.Generator, strength: float = 1.0, noise: float = 0.0) -> torch.Tensor:
     """One random view of each image. x: float [B, C, H, W] in [0, 1] (0 = background); returns [-1, 1].
 
     Geometric part (a random affine per image, zero = background outside the image): zoom 0.65-1.15 of the
     side (a random resized crop), aspect +-15 %, rotation +-15 deg, shear +-0.15, shift +-12 % of the side.
     Then stroke width (3x3 dilation or erosion, each with p = 0.25) and one cutout square of 1/4 side
-    (p = 0.5). `strength` scales the geometric ranges (0 = identity geometry).
+    (p = 0.5). `strength` scales the geometric ranges (0 = identity geometry). `noise` > 0: half of the
+    views get Gaussian pixel noise of a random std in [0, noise], clipped to [0, 1] -- the speckle of images
+    from a briefly trained diffusion model, which the representation must not mistake for content (stage 3
+    embeds generated images in it).
     """
     b, _, h, w = x.shape
     s = strength
@@ -101,6 +104,11 @@ def augment(x: torch.Tensor, gen: torch.Generator, strength: float = 1.0) -> tor
     xx = torch.arange(w, device=x.device).view(1, 1, w)
     hole = on & ((yy - cy).abs() <= side // 2) & ((xx - cx).abs() <= side // 2)
     y = y.masked_fill(hole.unsqueeze(1), 0.0)
+
+    if noise > 0:
+        std = _uniform(gen, b, 0.0, noise) * (torch.rand(b, generator=gen) < 0.5)
+        eps = torch.randn(y.shape, generator=gen).to(y.device)
+        y = (y + std.to(y.device).view(b, 1, 1, 1) * eps).clamp_(0.0, 1.0)
     return y.mul(2.0).sub(1.0)
 
 

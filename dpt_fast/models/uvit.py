@@ -324,7 +324,7 @@ _SHAPES: dict[str, dict[str, Any]] = {
     "latent512": dict(img_size=64, patch_size=4, in_chans=4),
 }
 _DEFAULTS: dict[str, Any] = dict(mlp_ratio=4.0, qkv_bias=False, qk_scale=None, mlp_time_embed=False, conv=True,
-                                 skip=True)
+                                 skip=True, pos_embed_init="trunc_normal")
 
 UVIT_PRESETS: dict[str, dict[str, Any]] = {
     f"uvit_{size}{shape['patch_size']}_{shape_name}": {**_DEFAULTS, **shape, **dims}
@@ -332,11 +332,13 @@ UVIT_PRESETS: dict[str, dict[str, Any]] = {
     for shape_name, shape in _SHAPES.items()
 }
 UVIT_PRESETS.update({
-    # The embedded default (MNIST-5k, 28x28): a starting point that the stage-2 tuning owns.
+    # The embedded default (MNIST-5k, 28x28), sized for a few CPU-minutes of training: 16 tokens of 7x7 pixels
+    # (+ label and time tokens), 128 wide, 6 blocks with long skips; ~1.2M parameters.
     # No final 3x3 conv (as U-ViT-H): with PyTorch's default init it starts as a random filter that the network
-    # must first learn to undo, which costs a short CPU run most of its budget (measured by the stage-2 tuning).
-    "uvit_mnist": {**_DEFAULTS, "img_size": 28, "patch_size": 4, "in_chans": 1, "embed_dim": 192, "depth": 8,
-                   "num_heads": 4, "conv": False},
+    # must first learn to undo, which costs a short CPU run most of its budget. Sin-cos start for the positions:
+    # at 1000 steps CAS 0.85 / FID 20 against 0.72 / 28 with the official std-.02 start (README, stage-2 tuning).
+    "uvit_mnist": {**_DEFAULTS, "img_size": 28, "patch_size": 7, "in_chans": 1, "embed_dim": 128, "depth": 6,
+                   "num_heads": 2, "conv": False, "pos_embed_init": "sincos"},
     # scikit-learn digits (8x8): tiny, for tests.
     "uvit_digits": {**_DEFAULTS, "img_size": 8, "patch_size": 2, "in_chans": 1, "embed_dim": 64, "depth": 4,
                     "num_heads": 2},
@@ -346,7 +348,7 @@ UVIT_ALIASES: dict[str, str] = {"U-ViT-L/2": "uvit_l2_latent256", "U-ViT-H/2": "
 
 # ModelConfig fields that override a preset when set (0 / None / "" = keep the preset's value).
 _CONFIG_KEYS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias",
-                "mlp_time_embed", "conv", "skip")
+                "mlp_time_embed", "conv", "skip", "pos_embed_init")
 
 
 def uvit_kwargs(model_cfg: Any, num_classes_with_null: int) -> dict[str, Any]:
@@ -360,12 +362,11 @@ def uvit_kwargs(model_cfg: Any, num_classes_with_null: int) -> dict[str, Any]:
     kwargs = dict(UVIT_PRESETS[name])
     for key in _CONFIG_KEYS:
         value = getattr(model_cfg, key, None)
-        if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0):
+        if value is not None and value != "" and not (isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0):
             kwargs[key] = value
     kwargs["num_classes"] = num_classes_with_null
     kwargs["use_checkpoint"] = bool(getattr(model_cfg, "use_checkpoint", False))
     kwargs["conditioning"] = getattr(model_cfg, "conditioning", "token") or "token"
-    kwargs["pos_embed_init"] = getattr(model_cfg, "pos_embed_init", "trunc_normal") or "trunc_normal"
     if kwargs["img_size"] % kwargs["patch_size"]:
         raise UserError(f"config keys 'model.img_size' ({kwargs['img_size']}) must be a multiple of "
                         f"'model.patch_size' ({kwargs['patch_size']})")
