@@ -215,6 +215,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train": {"steps": 2000, "batch_size": 64, "lr": 1e-3, "betas": [0.9, 0.99], "warmup_steps": 100},
         "sample": {"cfg_scale": 3.0},
     },
+    # The paper's stage-2 recipe (U-ViT's optimiser, eps-prediction, CFG 0.4) = the dataclass defaults, for real
+    # data (docs/REAL_DATA.md): set data.*, model.preset, train.steps / batch_size for the run's scale.
+    "paper": {"name": "paper"},
     # scikit-learn digits (8x8): seconds per stage, for tests.
     "digits": {
         "name": "digits",
