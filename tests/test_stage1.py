@@ -193,6 +193,7 @@ def test_mnist5k_preset_is_the_tuned_cpu_recipe_and_the_dataclass_defaults_the_p
     cfg = load_config("mnist5k")
     assert (cfg.diffusion.prediction, cfg.train.lr, tuple(cfg.train.betas), cfg.sample.cfg_scale) == ("v", 1e-3, (0.9, 0.99), 3.0)
     paper = Config()
+    assert load_config("paper").to_dict() == {**paper.to_dict(), "name": "paper"}
     assert (paper.diffusion.prediction, paper.train.lr, tuple(paper.train.betas), paper.sample.cfg_scale) == ("eps", 2e-4, (0.99, 0.99), 0.4)
     kw = uvit_kwargs(cfg.model, 11)
     assert (kw["patch_size"], kw["embed_dim"], kw["depth"], kw["pos_embed_init"], kw["conv"]) == (7, 128, 6, "sincos", False)
