@@ -27,13 +27,7 @@ TINY = dict(
 RES = 16  # 16 px images -> 8x8 latents (the tiny VAE downsamples by 2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convolutions: one thread is fastest, and far faster than two on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest (conftest.py)
 
 
 @pytest.fixture

@@ -16,12 +16,7 @@ from dpt_fast.models.official import infer_uvit_kwargs
 from dpt_fast.utils import UserError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest (conftest.py)
 
 
 # ---------------------------------------------------------------------------------------------- the reference

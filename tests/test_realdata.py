@@ -23,13 +23,7 @@ TINY_UVIT = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "train.
              "sample.steps=2", "gen.k_per_class=2", "gen.batch_size=4"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convolutions: one thread is fastest on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest (conftest.py)
 
 
 @pytest.fixture(autouse=True)

@@ -10,13 +10,7 @@ from dpt_fast.utils import UserError
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest single-threaded; 2 OpenMP threads on a loaded 2-core machine spin-wait ~15x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest (conftest.py)
 
 
 TINY = dict(img_size=8, patch_size=2, in_chans=1, embed_dim=32, depth=4, num_heads=2)
