@@ -271,7 +271,8 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
             raise bad
         allowed = CHOICES.get(key)
         if allowed is not None and value not in allowed:
-            raise UserError(f"config key '{key}': {value!r} is not one of {', '.join(allowed)}")
+            shown = ", ".join(a or '"" (the preset\'s)' for a in allowed)
+            raise UserError(f"config key '{key}': {value!r} is not one of {shown}")
         return value
     if origin is tuple:
         args = typing.get_args(typ)
