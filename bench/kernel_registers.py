@@ -21,15 +21,7 @@ from triton.compiler import ASTSource
 
 from dpt_fast.kernels import bias_gelu, layernorm
 
-LN_FWD = dict(X="*fp32", DELTA="*bf16", GATE="*bf16", W="*fp32", Bias="*fp32", SHIFT="*bf16", SCALE="*bf16",
-              XNEW="*fp32", Y="*bf16", MEAN="*fp32", RSTD="*fp32", M="i32", L="i32", D="i32", stride_gate="i32",
-              stride_shift="i32", stride_scale="i32", eps="fp32")
-LN_BWD = dict(DY="*bf16", DXNEW="*fp32", X="*fp32", DELTA="*bf16", GATE="*bf16", W="*fp32", Bias="*fp32",
-              SCALE="*bf16", MEAN="*fp32", RSTD="*fp32", DX="*fp32", DDELTA="*bf16", DW_PART="*fp32",
-              DB_PART="*fp32", DSHIFT_PART="*fp32", DSCALE_PART="*fp32", DGATE_PART="*fp32", L="i32", D="i32",
-              rows_per_prog="i32", stride_gate="i32", stride_scale="i32")
-GELU = dict(DY="*bf16", H="*bf16", Bias="*fp32", Y="*bf16", DH="*bf16", DB_PART="*fp32", M="i32", N="i32",
-            rows_per_prog="i32")
+LN_FWD, LN_BWD, GELU = layernorm.FWD_SIGNATURE, layernorm.BWD_SIGNATURE, bias_gelu.SIGNATURE
 
 
 def ptxas_report(fn, types: dict, consts: dict, warps: int, arch: int) -> str:

@@ -71,6 +71,9 @@ if triton is not None:
 # 16 x 256 tiles on 8 warps: 16 elements per thread; ptxas (sm_90) reports 80 / 95 registers (fwd / bwd),
 # no spills (32 x 128 on 4 warps needed 194 in the backward).
 _BLOCK_M, _BLOCK_N, _WARPS = 16, 256, 8
+# Argument types of both kernels (bf16 activations) for ahead-of-time compilation: see layernorm.FWD_SIGNATURE.
+SIGNATURE = dict(DY="*bf16", H="*bf16", Bias="*fp32", Y="*bf16", DH="*bf16", DB_PART="*fp32", M="i32", N="i32",
+                 rows_per_prog="i32")
 
 
 class BiasGelu(torch.autograd.Function):

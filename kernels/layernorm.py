@@ -153,6 +153,17 @@ if triton is not None:
             tl.store(DGATE_PART + part * D + cols, acc_dgate, mask=cmask)
 
 
+# Argument types of the two kernels for ahead-of-time compilation (triton.compiler.ASTSource) in the
+# bf16-activation / fp32-residual setting of the U-ViT blocks: register reports and cubin build checks.
+FWD_SIGNATURE = dict(X="*fp32", DELTA="*bf16", GATE="*bf16", W="*fp32", Bias="*fp32", SHIFT="*bf16", SCALE="*bf16",
+                     XNEW="*fp32", Y="*bf16", MEAN="*fp32", RSTD="*fp32", M="i32", L="i32", D="i32",
+                     stride_gate="i32", stride_shift="i32", stride_scale="i32", eps="fp32")
+BWD_SIGNATURE = dict(DY="*bf16", DXNEW="*fp32", X="*fp32", DELTA="*bf16", GATE="*bf16", W="*fp32", Bias="*fp32",
+                     SCALE="*bf16", MEAN="*fp32", RSTD="*fp32", DX="*fp32", DDELTA="*bf16", DW_PART="*fp32",
+                     DB_PART="*fp32", DSHIFT_PART="*fp32", DSCALE_PART="*fp32", DGATE_PART="*fp32", L="i32", D="i32",
+                     rows_per_prog="i32", stride_gate="i32", stride_scale="i32")
+
+
 def _tile(D: int) -> tuple[int, int, int, int]:
     """(BLOCK_M rows, BLOCK_D columns, forward num_warps, backward num_warps) for rows of width D.
 

@@ -54,15 +54,7 @@ def test_kernels_compile_to_cubin_for_sm90_without_a_gpu():
 
     block_m, block_d, fwd_warps, bwd_warps = layernorm._tile(1152)
     flags = dict(HAS_GATE=True, HAS_AFFINE=True, HAS_MOD=True, BLOCK_M=block_m, BLOCK_D=block_d)
-    fwd = dict(X="*fp32", DELTA="*bf16", GATE="*bf16", W="*fp32", Bias="*fp32", SHIFT="*bf16", SCALE="*bf16",
-               XNEW="*fp32", Y="*bf16", MEAN="*fp32", RSTD="*fp32", M="i32", L="i32", D="i32", stride_gate="i32",
-               stride_shift="i32", stride_scale="i32", eps="fp32")
-    bwd = dict(DY="*bf16", DXNEW="*fp32", X="*fp32", DELTA="*bf16", GATE="*bf16", W="*fp32", Bias="*fp32",
-               SCALE="*bf16", MEAN="*fp32", RSTD="*fp32", DX="*fp32", DDELTA="*bf16", DW_PART="*fp32",
-               DB_PART="*fp32", DSHIFT_PART="*fp32", DSCALE_PART="*fp32", DGATE_PART="*fp32", L="i32", D="i32",
-               rows_per_prog="i32", stride_gate="i32", stride_scale="i32")
-    gelu = dict(DY="*bf16", H="*bf16", Bias="*fp32", Y="*bf16", DH="*bf16", DB_PART="*fp32", M="i32", N="i32",
-                rows_per_prog="i32")
+    fwd, bwd, gelu = layernorm.FWD_SIGNATURE, layernorm.BWD_SIGNATURE, bias_gelu.SIGNATURE
     tiles = dict(BLOCK_M=bias_gelu._BLOCK_M, BLOCK_N=bias_gelu._BLOCK_N)
     built = [
         build(layernorm._ln_fwd_kernel, fwd, dict(HAS_RES=True, **flags), fwd_warps),
