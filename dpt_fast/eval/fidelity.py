@@ -145,11 +145,7 @@ def generation_metrics(
     if len(gen) < 4 or len(real) < 4:
         raise UserError(f"generation metrics need at least 4 generated and 4 real images (precision/recall use 3 neighbours), got {len(gen)} and {len(real)}")
     dev = resolve_device(device)
-    if not feature_net and data_name not in SHIPPED:
-        # No judge exists for a user's data set unless one is named: report that, do not fail the run.
-        log.warning("eval: no feature network ships for data.name=%s; FID/IS/precision/recall/CAS skipped (set "
-                    "eval.feature_net to a local torch-fidelity Inception .pth or a scripts/train_feature_net.py "
-                    ".safetensors to get them)", data_name)
+    if _no_judge(data_name, feature_net, "FID/IS/precision/recall/CAS"):
         return {**{k: None for k in ("fid", "is", "is_std", "precision", "recall", "f_score", "cas", "cas_per_class",
                                      "feature_net", "feature_net_sha256")},
                 "num_generated": len(gen), "num_real": len(real), "eval_seconds": time.time() - t0,
@@ -197,11 +193,7 @@ def generation_metrics(
     else:
         m = torch_fidelity.calculate_metrics(**kwargs)
 
-    cas, cas_per_class = None, None
-    if net is not None:
-        _, logits = predict(net, gen)
-        cas = top1(logits, labels)
-        cas_per_class = per_class_accuracy(logits, labels, net.num_classes)
+    cas = _cas(net, gen, labels) if net is not None else {"cas": None, "cas_per_class": None}
     return {
         "fid": float(m[torch_fidelity.KEY_METRIC_FID]),
         "is": float(m[torch_fidelity.KEY_METRIC_ISC_MEAN]),
@@ -209,14 +201,30 @@ def generation_metrics(
         "precision": float(m[torch_fidelity.KEY_METRIC_PRECISION]),
         "recall": float(m[torch_fidelity.KEY_METRIC_RECALL]),
         "f_score": float(m[torch_fidelity.KEY_METRIC_F_SCORE]),
-        "cas": cas,
-        "cas_per_class": cas_per_class,
+        **cas,
         "num_generated": n,
         "num_real": len(real),
         "feature_net": f"shipped:{data_name}" if not feature_net else str(path),
         "feature_net_sha256": sha256_file(path),
         "eval_seconds": time.time() - t0,
     }
+
+
+def _no_judge(data_name: str, feature_net: str, what: str) -> bool:
+    """True (with a warning) when no feature network judges this data: none named and none ships for it.
+    A user's data set has no judge unless one is named: report that, do not fail the run."""
+    if feature_net or data_name in SHIPPED:
+        return False
+    log.warning("eval: no feature network ships for data.name=%s; %s skipped (set eval.feature_net to a local "
+                "torch-fidelity Inception .pth or a scripts/train_feature_net.py .safetensors to get them)",
+                data_name, what)
+    return True
+
+
+def _cas(net, gen: torch.Tensor, labels: torch.Tensor) -> dict:
+    """CAS and per-class CAS: the share of generated images `net` puts in their conditioning class."""
+    _, logits = predict(net, gen)
+    return {"cas": top1(logits, labels), "cas_per_class": per_class_accuracy(logits, labels, net.num_classes)}
 
 
 def class_agreement(gen_images_uint8, gen_labels, data_name: str, feature_net: str = "", device: str = "cpu") -> dict:
@@ -230,16 +238,13 @@ def class_agreement(gen_images_uint8, gen_labels, data_name: str, feature_net: s
     labels = torch.as_tensor(np.asarray(gen_labels)).long().cpu()
     out = {"fid": None, "is": None, "precision": None, "recall": None, "cas": None, "cas_per_class": None,
            "num_generated": len(gen)}
-    if not feature_net and data_name not in SHIPPED:
-        log.warning("eval: no feature network ships for data.name=%s; CAS skipped (set eval.feature_net)", data_name)
+    if _no_judge(data_name, feature_net, "CAS"):
         return {**out, "metrics_skipped": f"no feature network for data.name={data_name}; set eval.feature_net",
                 "eval_seconds": time.time() - t0}
     path = Path(feature_net) if feature_net else shipped_feature_net(data_name)
     if path.suffix == ".pth":
         return {**out, "metrics_skipped": "CAS needs a feature network trained on this data's classes, not Inception",
                 "eval_seconds": time.time() - t0}
-    net = load_feature_net(path, resolve_device(device))
-    _, logits = predict(net, gen)
-    return {**out, "cas": top1(logits, labels), "cas_per_class": per_class_accuracy(logits, labels, net.num_classes),
+    return {**out, **_cas(load_feature_net(path, resolve_device(device)), gen, labels),
             "feature_net": f"shipped:{data_name}" if not feature_net else str(path),
             "feature_net_sha256": sha256_file(path), "eval_seconds": time.time() - t0}

@@ -213,9 +213,9 @@ class UViT(nn.Module):
         Conv2d and Embedding keep PyTorch's defaults, as in the official code. adaLN-Zero additionally
         zeroes the modulation layers and the output projection, so every block starts as the identity.
         pos_embed_init="sincos" starts the (still learned) patch positions at the 2-D sin-cos table of
-        MAE / DiT and the extra tokens' at zero: with std .02 positions the network needs many steps before
-        it can make its output depend on where a patch is (measured on MNIST: a class-mean denoiser at
-        t ~ 1 still ignored the label after 400 steps; with sin-cos positions it matched the class means).
+        MAE / DiT and the extra tokens' at zero, so patches are told apart from the first step (std .02
+        starts them nearly alike). Measured on the MNIST-5k preset at 1,000 training steps: CAS 0.85 / FID 20
+        with the sin-cos start against 0.72 / 28 with the official one (README, "Stage-2 tuning").
         """
         if self.pos_embed_init == "sincos":
             grid = self.img_size // self.patch_size
@@ -333,7 +333,7 @@ UVIT_PRESETS: dict[str, dict[str, Any]] = {
 }
 UVIT_PRESETS.update({
     # The embedded default (MNIST-5k, 28x28), sized for a few CPU-minutes of training: 16 tokens of 7x7 pixels
-    # (+ label and time tokens), 128 wide, 6 blocks with long skips; ~1.2M parameters.
+    # (+ label and time tokens), 128 wide, 6 blocks with long skips; 1.5M parameters.
     # No final 3x3 conv (as U-ViT-H): with PyTorch's default init it starts as a random filter that the network
     # must first learn to undo, which costs a short CPU run most of its budget. Sin-cos start for the positions:
     # at 1000 steps CAS 0.85 / FID 20 against 0.72 / 28 with the official std-.02 start (README, stage-2 tuning).

@@ -151,7 +151,8 @@ def train_simclr(images: np.ndarray, cfg: Config, out: Path, progress: bool = Tr
             for g in opt.param_groups:
                 g["lr"] = lr
             xb = x[perm[i * bs:(i + 1) * bs]]
-            v1, v2 = (augment(xb, gen, noise=s1.ssl_noise).to(device), augment(xb, gen, noise=s1.ssl_noise).to(device))
+            v1 = augment(xb, gen, noise=s1.ssl_noise).to(device)
+            v2 = augment(xb, gen, noise=s1.ssl_noise).to(device)
             loss = nt_xent(model.project(v1), model.project(v2), s1.ssl_temperature)
             opt.zero_grad(set_to_none=True)
             loss.backward()
