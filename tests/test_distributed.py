@@ -10,7 +10,8 @@ import torch.multiprocessing as mp
 from dpt_fast.config import load_config
 from dpt_fast.diffusion import make_schedule
 from dpt_fast.diffusion.checkpoint import list_checkpoints
-from dpt_fast.diffusion.train import setup_distributed, train_diffusion
+from dpt_fast.diffusion.train import train_diffusion
+from dpt_fast.distributed import setup_distributed
 from dpt_fast.models import build_uvit
 
 STEPS = 3

@@ -36,6 +36,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..distributed import barrier, rank_world
 from ..utils import UserError, atomic_path, log, read_json, write_json, write_text
 from .imagefolder import ImageIndex, scan_imagefolder
 from .vae import SCALE, sample_latents
@@ -84,17 +85,6 @@ def _save_shard(path: Path, array: np.ndarray) -> None:
 # ----------------------------------------------------------------------------------------------
 # Preparation
 # ----------------------------------------------------------------------------------------------
-def _dist_info() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
 def _load_or_scan(root: Path, out: Path, settings: dict, workers: int, progress: bool, rank: int) -> ImageIndex:
     """Rank 0 scans (or reuses OUT/index.json) and writes the index; the other ranks read it."""
     path = out / "index.json"
@@ -114,7 +104,7 @@ def _load_or_scan(root: Path, out: Path, settings: dict, workers: int, progress:
         if not (out / "files.txt").is_file() or not (out / "labels.npy").is_file():
             write_text(out / "files.txt", "".join(f + "\n" for f in index.files))
             _save_shard(out / "labels.npy", index.labels)
-    _barrier()
+    barrier()
     if rank != 0:
         index = ImageIndex.from_dict(read_json(path)["index"])
     return index
@@ -153,7 +143,7 @@ def prepare_shards(
         raise UserError(f"--vae-dtype {vae_dtype}: use one of {', '.join(VAE_DTYPES)}")
     if resolution < 8 or shard_size < 1 or batch_size < 1:
         raise UserError("--resolution must be >= 8, --shard-size and --batch-size >= 1")
-    d_rank, d_world = _dist_info()
+    d_rank, d_world = rank_world()
     rank = d_rank if rank is None else rank
     world_size = d_world if world_size is None else world_size
     root, out = Path(root).expanduser(), Path(out).expanduser()
@@ -162,7 +152,7 @@ def prepare_shards(
     if fresh and rank == 0 and out.is_dir():
         for p in list(out.glob("*.npy")) + [out / "index.json", out / "manifest.json", out / "files.txt"]:
             p.unlink(missing_ok=True)
-    _barrier()
+    barrier()
     out.mkdir(parents=True, exist_ok=True)
     kind = "latents" if vae_path else "images"
     settings = {
@@ -229,7 +219,7 @@ def prepare_shards(
             done += len(pos)
         dt = time.time() - t0
         log.info("rank %d: %d images in %.1f s (%.1f images/s, %s)", rank, done, dt, done / max(dt, 1e-9), backend)
-    _barrier()
+    barrier()
     if rank != 0:
         return None
     missing = [s for s in range(num_shards) if not (out / shard_name(kind, s)).is_file()]

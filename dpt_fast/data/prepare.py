@@ -10,12 +10,12 @@ manifest, or with --on-bad-image error stop the run with one line naming the fil
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from datetime import timedelta
 
 import torch
 
+from ..distributed import launched_by_torchrun, setup_distributed
 from ..utils import UserError, setup_logging
 
 
@@ -40,17 +40,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     setup_logging(args.quiet)
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    distributed = launched_by_torchrun()
     try:
         device = args.device
         if distributed:
-            local = int(os.environ.get("LOCAL_RANK", "0"))
-            use_cuda = torch.cuda.is_available() and device != "cpu"
-            if use_cuda:
-                torch.cuda.set_device(local)
-                device = f"cuda:{local}"
+            want = torch.device("cuda" if torch.cuda.is_available() and device != "cpu" else "cpu")
             # rank 0 checks every image before the others start: allow for a long first barrier
-            torch.distributed.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(hours=6))
+            device = str(setup_distributed(want, timeout=timedelta(hours=6))[2])
         from .latents import prepare_shards
 
         prepare_shards(

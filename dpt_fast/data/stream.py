@@ -35,6 +35,7 @@ from typing import Callable, Iterator, Optional, Protocol, Sequence
 import numpy as np
 import torch
 
+from ..distributed import barrier, rank_world
 from ..utils import UserError, atomic_path, log, read_json, write_json, write_text
 from .embedded import ArrayDataset
 
@@ -242,17 +243,6 @@ def _open_prepared(data_cfg, device, progress: bool) -> RealData:
 # ----------------------------------------------------------------------------------------------
 # Feature cache: float32 [N, D] in one .npy, filled chunk by chunk, resumable
 # ----------------------------------------------------------------------------------------------
-def _dist() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _barrier() -> None:
-    if _dist()[1] > 1:
-        torch.distributed.barrier()
-
-
 def _state_path(path: Path) -> Path:
     return path.with_suffix(".json")
 
@@ -297,7 +287,7 @@ def cached_features(
     n, chunk = len(source), chunk_rows or CHUNK_ROWS
     want = {"key": json.loads(json.dumps({**key, "images": source.identity})), "rows": n, "dim": dim, "chunk_rows": chunk}
     state_path, done_dir = _state_path(path), _done_dir(path)
-    rank, world = _dist()
+    rank, world = rank_world()
     state = read_json(state_path) if state_path.is_file() else {}
     same = {k: state.get(k) for k in want} == want and path.is_file()
     if same and state.get("complete"):
@@ -315,7 +305,7 @@ def cached_features(
             with atomic_path(path) as tmp:
                 np.save(tmp, np.zeros((0, dim), np.float32))
         write_json(state_path, {**want, "complete": False})
-    _barrier()
+    barrier()
     done_dir.mkdir(exist_ok=True)
 
     num_chunks = -(-n // chunk)
@@ -338,12 +328,12 @@ def cached_features(
                     write_text(done_dir / f"{int(c):06d}", "")
         bar.close()
         del out
-    _barrier()
+    barrier()
     if rank == 0:
         missing = [c for c in range(num_chunks) if not (done_dir / f"{c:06d}").is_file()]
         if missing:
             raise UserError(f"{path}: chunks {missing[:5]} were not computed; re-run to finish them")
         write_json(state_path, {**want, "complete": True})
         shutil.rmtree(done_dir, ignore_errors=True)
-    _barrier()
+    barrier()
     return np.load(path, mmap_mode="r")

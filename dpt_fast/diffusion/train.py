@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ..distributed import barrier, rank_world
 from ..utils import UserError, log, read_json, write_json
 from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, read_meta, save_checkpoint
 from .schedule import NoiseScheduleVP, model_time
@@ -48,37 +48,6 @@ class BatchSource(Protocol):
 
     def __call__(self, index: torch.Tensor, generator: torch.Generator, device: torch.device) -> torch.Tensor:
         """float [len(index), *sample_shape] on `device`; any randomness (latent sampling, flips) from `generator`."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Distributed helpers
-# ----------------------------------------------------------------------------------------------
-def setup_distributed(device: torch.device) -> tuple[int, int, torch.device]:
-    """Initialise torch.distributed when launched by torchrun (WORLD_SIZE > 1).
-
-    Returns (rank, world_size, device); on CUDA each process takes the GPU LOCAL_RANK.
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        log.info("torch.distributed: %s backend, rank %d of %d", dist.get_backend(), dist.get_rank(), world)
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def dist_rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,7 +244,7 @@ def train_diffusion(
     batch. `on_step(step)` is called after each step (tests use it to interrupt a run). `prediction`: the
     model's target, 'eps' or 'v' (see `diffusion_loss`).
     """
-    rank, world = dist_rank_world()
+    rank, world = rank_world()
     if tcfg.batch_size % world:
         raise UserError(f"train.batch_size={tcfg.batch_size} must be divisible by the number of processes ({world})")
     local_bs = tcfg.batch_size // world

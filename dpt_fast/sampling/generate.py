@@ -31,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..diffusion.schedule import NoiseScheduleVP
+from ..distributed import barrier, rank_world
 from ..ops.dpm_solver_update import resolve_backend
 from ..utils import UserError, load_npz, log, read_json, save_npz, write_json
 from .dpm_solver import DPMSolver, model_wrapper
@@ -63,17 +64,6 @@ def item_noise(seed: int, labels: Sequence[int], indices: Sequence[int], shape: 
 def _to_uint8(x: torch.Tensor) -> np.ndarray:
     """[-1, 1] float -> uint8 NCHW numpy (rounded, clamped)."""
     return x.float().add(1.0).mul(127.5).round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()
-
-
-def _dist() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        torch.distributed.barrier()
 
 
 def _shard_ok(path: Path, labels: np.ndarray, index: np.ndarray) -> bool:
@@ -189,7 +179,7 @@ def generate(
     device = torch.device(device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rank, world = _dist()
+    rank, world = rank_world()
     if t_end is None:
         t_end = 1e-4 if schedule.schedule == "linear" else 1.0 / schedule.total_N
     backend = resolve_backend(backend, device)
@@ -214,7 +204,7 @@ def generate(
                 p.unlink()
         write_json(out_dir / MANIFEST, {**previous, "format": FORMAT, "identity": identity, "k_per_class": k_per_class,
                                         "num_images": n, "num_shards": n_shards, "complete": False})
-    _barrier(world)
+    barrier()
     previous = read_json(out_dir / MANIFEST)
 
     def shard_items(s: int) -> slice:
@@ -278,7 +268,7 @@ def generate(
         save_npz(_shard_path(out_dir, s), images=np.concatenate(images), labels=lab, index=idx)
     bar.close()
     seconds = time.perf_counter() - t0
-    _barrier(world)
+    barrier()
 
     rate = n_todo / seconds if n_todo and seconds > 0 else float(previous.get("images_per_second", 0.0))
     if rank == 0:
@@ -287,7 +277,7 @@ def generate(
             raise UserError(f"{out_dir}: shards {missing[:5]} are missing after generation; re-run to complete them")
         write_json(out_dir / MANIFEST, {**read_json(out_dir / MANIFEST), "complete": True, "images_per_second": rate,
                                         "last_run_seconds": seconds})
-    _barrier(world)
+    barrier()
     nfe = next(iter(samplers.values()))[1].last_nfe if samplers else None
     return {"images": n, "generated": n_todo, "shards": n_shards, "skipped_shards": len(mine) - len(todo),
             "seconds": seconds, "images_per_second": rate, "nfe": nfe, "backend": backend, "cuda_graph": use_graph,

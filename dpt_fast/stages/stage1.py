@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from ..config import Config
 from ..data import ArrayDataset, save_split, select_labelled
 from ..data.stream import RealData, cached_features, open_real_data
+from ..distributed import setup_distributed
 from ..models.classifier import (PAPER_LOGREG_C, BackboneSpace, PcaSpace, SimclrUmapSpace, fit_logreg, load_encoder,
                                  save_encoder)
 from ..models.encoder import ConvEncoder, augment, encode, nt_xent
@@ -273,8 +274,6 @@ def run(cfg: Config, rd: RunDir, progress: bool = True) -> dict:
         raise UserError(f"stage1.method={s1.method} needs the images in memory; data.name=latents streams them: use "
                         "stage1.method=features with stage1.backbone=<timm name> stage1.backbone_weights=FILE")
     if s1.method == "features":
-        from ..diffusion.train import setup_distributed
-
         _, _, device = setup_distributed(device)  # under torchrun the ranks share the feature extraction
     real = open_real_data(cfg.data, device, progress)
     y = real.y_train

@@ -27,7 +27,8 @@ import torch.distributed as dist
 from ..config import Config
 from ..data import load_dataset, to_float
 from ..diffusion import make_schedule
-from ..diffusion.train import BatchSource, as_eps_model, setup_distributed, train_diffusion
+from ..diffusion.train import BatchSource, as_eps_model, train_diffusion
+from ..distributed import setup_distributed
 from ..models import build_uvit
 from ..sampling import generate, load_generated
 from ..utils import UserError, load_npz, log, resolve_device, seed_everything
