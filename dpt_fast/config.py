@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any, Optional
 
 import yaml
 
-from .utils import UserError
+from .utils import UserError, read_yaml
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,12 +180,20 @@ class Config:
     def to_dict(self) -> dict:
         return _plain(asdict(self))
 
+    def identity(self) -> dict:
+        """The config without its RUNTIME_KEYS: what a run directory's config.yaml must agree on."""
+        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_KEYS}
+
     def fingerprint(self, *sections: str) -> str:
         """A short hash of the named sections (plus `seed`), to tell whether stage outputs are stale."""
         d = self.to_dict()
         sub = {"seed": d["seed"], **{s: d[s] for s in sections}}
         return hashlib.sha256(json.dumps(sub, sort_keys=True).encode()).hexdigest()[:16]
 
+
+# Keys that say how this invocation runs, not what it computes: they never change a stage's outputs, so no
+# fingerprint reads them, and changing them alone does not rewrite a run directory's config.yaml.
+RUNTIME_KEYS = ("device", "num_threads")
 
 # Allowed values of string keys (checked on load).
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -263,6 +272,8 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
                 raise bad from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
+        if not math.isfinite(value):
+            raise UserError(f"config key '{key}': must be a finite number, got {value!r}")
         return float(value)
     if typ is str:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -346,10 +357,9 @@ def load_config(preset_or_file: Optional[str] = None, overrides: list[str] | tup
         path = Path(spec)
         if not path.is_file():
             raise UserError(f"config file {path} does not exist; pass a preset ({', '.join(PRESETS)}) or an existing YAML file")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]}); fix the file") from None
+        data = read_yaml(path, fix="fix the file or pass another --config")
+        if data is None:
+            raise UserError(f"{path} is empty; write config keys into it (e.g. `preset: digits`) or pass a preset")
         if not isinstance(data, dict):
             raise UserError(f"{path}: expected a mapping of config keys at the top level")
         base = data.pop("preset", "mnist5k")
@@ -371,33 +381,60 @@ def load_config(preset_or_file: Optional[str] = None, overrides: list[str] | tup
 
 
 def validate(cfg: Config) -> None:
-    """Range checks that types alone cannot express."""
+    """Range checks that types alone cannot express (every float is already finite: `_coerce`)."""
+    s1, m, d, t, sm = cfg.stage1, cfg.model, cfg.diffusion, cfg.train, cfg.sample
     checks = [
+        ("seed", cfg.seed >= 0, "must be >= 0"),
+        ("num_threads", cfg.num_threads >= 0, "must be >= 0 (0 = torch's default)"),
+        ("data.image_size", cfg.data.image_size >= 0, "must be >= 0 (0 = the data set's own size)"),
         ("split.labels_per_class", cfg.split.labels_per_class >= 1 or cfg.split.fraction > 0, "must be >= 1"),
         ("split.fraction", 0.0 <= cfg.split.fraction < 1.0, "must be in [0, 1)"),
-        ("train.steps", cfg.train.steps >= 0, "must be >= 0"),
-        ("train.batch_size", cfg.train.batch_size >= 1, "must be >= 1"),
-        ("train.p_uncond", 0.0 <= cfg.train.p_uncond < 1.0, "must be in [0, 1)"),
-        ("train.ema_decay", 0.0 <= cfg.train.ema_decay < 1.0, "must be in [0, 1)"),
-        ("train.ckpt_every", cfg.train.ckpt_every >= 1, "must be >= 1"),
-        ("sample.steps", cfg.sample.steps >= 1, "must be >= 1"),
-        ("sample.order", cfg.sample.order in (1, 2, 3), "must be 1, 2 or 3"),
+        ("split.seed", cfg.split.seed >= 0, "must be >= 0"),
+        ("stage1.ssl_epochs", s1.ssl_epochs >= 1, "must be >= 1"),
+        ("stage1.ssl_batch_size", s1.ssl_batch_size >= 2, "must be >= 2"),
+        ("stage1.ssl_lr", s1.ssl_lr > 0, "must be > 0"),
+        ("stage1.ssl_temperature", s1.ssl_temperature > 0, "must be > 0"),
+        ("stage1.ssl_noise", 0.0 <= s1.ssl_noise <= 1.0, "must be in [0, 1] (a pixel-noise std on [0, 1] images)"),
+        ("stage1.feature_dim", s1.feature_dim >= 1, "must be >= 1"),
+        ("stage1.width", s1.width >= 1, "must be >= 1"),
+        ("stage1.umap_dim", s1.umap_dim >= 2, "must be >= 2"),
+        ("stage1.umap_neighbors", s1.umap_neighbors >= 2, "must be >= 2"),
+        ("stage1.umap_min_dist", 0.0 <= s1.umap_min_dist <= 1.0, "must be in [0, 1] (UMAP's spread is 1)"),
+        ("stage1.umap_epochs", s1.umap_epochs >= 1, "must be >= 1"),
+        ("stage1.knn_transform", s1.knn_transform >= 1, "must be >= 1"),
+        ("stage1.logreg_c", s1.logreg_c >= 0, "must be >= 0 (0 = the method's default)"),
+        ("stage1.pca_dim", s1.pca_dim >= 1, "must be >= 1"),
+        ("stage1.backbone_image_size", s1.backbone_image_size >= 0, "must be >= 0 (0 = the model's)"),
+        ("stage1.backbone_crop", 0.0 < s1.backbone_crop <= 1.0, "must be in (0, 1]"),
+        ("stage1.backbone_batch_size", s1.backbone_batch_size >= 1, "must be >= 1"),
+        *[(f"model.{k}", getattr(m, k) >= 0, "must be >= 0 (0 = the preset's)")
+          for k in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio")],
+        ("diffusion.beta_0", d.beta_0 > 0, "must be > 0"),
+        ("diffusion.beta_1", d.beta_1 > d.beta_0, "must be > diffusion.beta_0"),
+        ("diffusion.discrete_beta_start", 0.0 < d.discrete_beta_start < 1.0, "must be in (0, 1)"),
+        ("diffusion.discrete_beta_end", d.discrete_beta_start < d.discrete_beta_end < 1.0,
+         "must be in (diffusion.discrete_beta_start, 1)"),
+        ("diffusion.num_timesteps", d.num_timesteps >= 1, "must be >= 1"),
+        ("train.steps", t.steps >= 0, "must be >= 0"),
+        ("train.batch_size", t.batch_size >= 1, "must be >= 1"),
+        ("train.lr", t.lr > 0, "must be > 0"),
+        ("train.weight_decay", t.weight_decay >= 0, "must be >= 0"),
+        ("train.betas", all(0.0 <= b < 1.0 for b in t.betas), "must both be in [0, 1)"),
+        ("train.warmup_steps", t.warmup_steps >= 0, "must be >= 0"),
+        ("train.ema_decay", 0.0 <= t.ema_decay < 1.0, "must be in [0, 1)"),
+        ("train.p_uncond", 0.0 <= t.p_uncond < 1.0, "must be in [0, 1)"),
+        ("train.grad_clip", t.grad_clip >= 0, "must be >= 0 (0 = no clipping)"),
+        ("train.ckpt_every", t.ckpt_every >= 1, "must be >= 1"),
+        ("train.keep_checkpoints", t.keep_checkpoints >= 0, "must be >= 0"),
+        ("train.log_every", t.log_every >= 1, "must be >= 1"),
+        ("sample.steps", sm.steps >= 1, "must be >= 1"),
+        ("sample.order", sm.order in (1, 2, 3), "must be 1, 2 or 3"),
+        ("sample.cfg_scale", sm.cfg_scale >= 0, "must be >= 0 (0 = no guidance)"),
         ("gen.k_per_class", cfg.gen.k_per_class >= 1, "must be >= 1"),
         ("gen.batch_size", cfg.gen.batch_size >= 1, "must be >= 1"),
         ("gen.shard_size", cfg.gen.shard_size >= 1, "must be >= 1"),
         ("eval.num_real", cfg.eval.num_real >= 0, "must be >= 0 (0 = the whole test split)"),
         ("eval.num_gen_per_class", cfg.eval.num_gen_per_class >= 0, "must be >= 0 (0 = all generated images)"),
-        ("stage1.umap_dim", cfg.stage1.umap_dim >= 2, "must be >= 2"),
-        ("stage1.umap_neighbors", cfg.stage1.umap_neighbors >= 2, "must be >= 2"),
-        ("stage1.umap_epochs", cfg.stage1.umap_epochs >= 1, "must be >= 1"),
-        ("stage1.ssl_epochs", cfg.stage1.ssl_epochs >= 1, "must be >= 1"),
-        ("stage1.ssl_batch_size", cfg.stage1.ssl_batch_size >= 2, "must be >= 2"),
-        ("stage1.ssl_noise", cfg.stage1.ssl_noise >= 0, "must be >= 0"),
-        ("stage1.knn_transform", cfg.stage1.knn_transform >= 1, "must be >= 1"),
-        ("stage1.backbone_image_size", cfg.stage1.backbone_image_size >= 0, "must be >= 0 (0 = the model's)"),
-        ("stage1.logreg_c", cfg.stage1.logreg_c >= 0, "must be >= 0 (0 = the method's default)"),
-        ("stage1.backbone_crop", 0.0 < cfg.stage1.backbone_crop <= 1.0, "must be in (0, 1]"),
-        ("stage1.backbone_batch_size", cfg.stage1.backbone_batch_size >= 1, "must be >= 1"),
         ("stage3.logreg_c", cfg.stage3.logreg_c >= 0, "must be >= 0 (0 = stage 1's)"),
         ("stage3.generated_weight", cfg.stage3.generated_weight >= 0, "must be >= 0"),
         ("stage3.min_confidence", 0.0 <= cfg.stage3.min_confidence < 1.0, "must be in [0, 1)"),

@@ -11,12 +11,13 @@ processes.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from pathlib import Path
 
 from .config import PRESETS, Config, load_config
-from .utils import UserError, log, setup_logging
+from .utils import UserError, log, setup_logging, write_error
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -51,9 +52,26 @@ def resolve(args: argparse.Namespace) -> tuple[Config, Path]:
     return cfg, run_dir
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     setup_logging(args.quiet)
+    # Over the file-size limit (ulimit -f) a write fails with EFBIG instead of killing the process; SIGTERM (a
+    # scheduler, torchrun) unwinds like Ctrl-C, so no temporary file is left.
+    handlers = {sig: signal.signal(sig, h) for sig, h in ((signal.SIGXFSZ, signal.SIG_IGN), (signal.SIGTERM, _interrupt))}
+    try:
+        return _main(args)
+    finally:
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
+
+
+def _main(args: argparse.Namespace) -> int:
+    from .distributed import report_failure, shutdown
+
     try:
         cfg, run_dir = resolve(args)
         from .stages import run_stages  # heavy imports only after the arguments are known to be good
@@ -62,13 +80,23 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         run_stages(cfg, run_dir, stages, fresh=args.fresh, progress=not args.quiet)
         log.info("done in %.1f s; report: %s", time.time() - t0, run_dir / "report.md")
+        shutdown()
         return 0
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (UserError, OSError) as e:
+        err = e if isinstance(e, UserError) else write_error(e, getattr(e, "filename", None) or "a file")
+        if err is None:  # an OSError the user cannot fix by freeing space or permissions: a bug, with its traceback
+            report_failure(f"{type(e).__name__}: {e}")
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        report_failure(str(err))
         return 2
     except KeyboardInterrupt:
         print("interrupted: re-run the same command to resume from the last checkpoint", file=sys.stderr)
+        report_failure("interrupted")
         return 130
+    except Exception as e:
+        report_failure(f"{type(e).__name__}: {e}")
+        raise
 
 
 if __name__ == "__main__":

@@ -37,12 +37,16 @@ def load_split(path: str | os.PathLike, num_train: int | None = None) -> np.ndar
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path} is missing; run --stage 1 first")
-    d = read_json(path)
-    if not isinstance(d, dict) or "labelled" not in d:
-        raise UserError(f"{path}: expected a JSON object with a 'labelled' list of indices; delete it and re-run --stage 1")
-    idx = np.asarray(d["labelled"], dtype=np.int64)
-    if num_train is not None and (idx.size == 0 or idx.min() < 0 or idx.max() >= num_train):
-        raise UserError(f"{path}: labelled indices do not fit a training set of {num_train} images; delete it and re-run --stage 1")
+    fix = "re-run --stage 1 (it rewrites the split)"
+    d = read_json(path, fix)
+    lab = d.get("labelled") if isinstance(d, dict) else None
+    if not isinstance(lab, list) or not lab or not all(isinstance(i, int) and not isinstance(i, bool) for i in lab):
+        raise UserError(f"{path}: expected a JSON object with a non-empty 'labelled' list of integer indices; {fix}")
+    idx = np.asarray(lab, dtype=np.int64)
+    if idx.min() < 0 or len(np.unique(idx)) != len(idx):
+        raise UserError(f"{path}: labelled indices must be distinct and >= 0; {fix}")
+    if num_train is not None and idx.max() >= num_train:
+        raise UserError(f"{path}: labelled indices do not fit a training set of {num_train} images; {fix}")
     return idx
 
 

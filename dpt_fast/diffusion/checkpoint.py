@@ -7,6 +7,11 @@ Both files are written atomically, tensors first: a checkpoint exists once its J
 moment leaves the previous checkpoint usable. The newest checkpoints are kept, older ones deleted. Nothing is
 unpickled on load.
 
+The JSON records the size and sha256 of the tensors file, taken when it was written. `latest_checkpoint`
+returns the newest checkpoint whose files check out (a damaged or overwritten one is skipped with a warning,
+so training resumes from the previous kept one), and `load_checkpoint` refuses bytes that are not the ones
+written, and NaN/inf weights.
+
 The learning rate, the data order and every random draw of the training loop are functions of (seed, step)
 (see `dpt_fast.diffusion.train`), so the step *is* the scheduler, RNG and data-loader state: restoring the
 tensors and the step continues a run exactly where it stopped.
@@ -18,10 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-from ..utils import UserError, atomic_path, read_json, write_json
+from ..utils import UserError, file_sha256, load_safetensors, log, read_json, save_safetensors, write_json
 
 _NAME = re.compile(r"^step-(\d{8})\.json$")
 
@@ -45,9 +48,35 @@ def list_checkpoints(ckpt_dir: str | Path) -> list[int]:
     return sorted(steps)
 
 
+def checkpoint_problem(ckpt_dir: str | Path, step: int) -> str | None:
+    """Why the checkpoint of `step` cannot be used (unreadable JSON, tensors missing or not the bytes that were
+    written), or None when it checks out. Hashes the tensors file."""
+    st_path, js_path = checkpoint_paths(ckpt_dir, step)
+    try:
+        meta = read_json(js_path)
+    except UserError as e:
+        return str(e)
+    if not isinstance(meta, dict) or meta.get("step") != step:
+        return f"{js_path} is not the JSON of step {step}"
+    sha, size = meta.get("tensors_sha256"), meta.get("tensors_bytes")
+    if sha is None:  # written before the hash was recorded
+        return None
+    try:
+        if st_path.stat().st_size != size or file_sha256(st_path) != sha:
+            return f"{st_path} is not the file written at step {step} (size or sha256 differ)"
+    except OSError as e:
+        return f"{st_path}: {e.strerror}"
+    return None
+
+
 def latest_checkpoint(ckpt_dir: str | Path) -> int | None:
-    steps = list_checkpoints(ckpt_dir)
-    return steps[-1] if steps else None
+    """The newest checkpoint that checks out (`checkpoint_problem`); damaged newer ones are skipped (warned)."""
+    for step in reversed(list_checkpoints(ckpt_dir)):
+        problem = checkpoint_problem(ckpt_dir, step)
+        if problem is None:
+            return step
+        log.warning("checkpoint of step %d is damaged (%s); falling back to the previous one", step, problem)
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -100,9 +129,9 @@ def save_checkpoint(
             tensors[f"{prefix}.{k}"] = v.detach().cpu().contiguous()
     opt_tensors, groups = flatten_optimizer(optimizer.state_dict())
     tensors.update({k: v.detach().cpu().contiguous() for k, v in opt_tensors.items()})
-    with atomic_path(st_path) as tmp:
-        save_file(tensors, str(tmp))
-    write_json(js_path, {**meta, "step": step, "optim_param_groups": groups})
+    save_safetensors(st_path, tensors)
+    write_json(js_path, {**meta, "step": step, "optim_param_groups": groups, "tensors_bytes": st_path.stat().st_size,
+                         "tensors_sha256": file_sha256(st_path)})
     for old in list_checkpoints(ckpt_dir)[: -(keep + 1)]:
         for p in checkpoint_paths(ckpt_dir, old)[::-1]:  # JSON first: the checkpoint stops existing at once
             p.unlink(missing_ok=True)
@@ -122,11 +151,12 @@ def load_checkpoint(
 ) -> dict:
     """Load the checkpoint of `step` into whichever of model / EMA / optimizer are given; return its JSON."""
     st_path, js_path = checkpoint_paths(ckpt_dir, step)
-    meta = read_json(js_path)
-    try:
-        tensors = load_file(str(st_path))
-    except (SafetensorError, OSError) as e:
-        raise UserError(f"{st_path}: cannot read ({e}); delete {js_path} to fall back to an older checkpoint") from None
+    fix = f"delete {js_path} to fall back to an older checkpoint"
+    problem = checkpoint_problem(ckpt_dir, step)
+    if problem is not None:
+        raise UserError(f"{problem}; {fix}")
+    meta = read_json(js_path, fix)
+    tensors = load_safetensors(st_path, fix, finite=True)
     groups: dict[str, dict[str, torch.Tensor]] = {"model": {}, "ema": {}, "optim": {}}
     for k, v in tensors.items():
         prefix, rest = k.split(".", 1)
@@ -147,8 +177,8 @@ def load_checkpoint(
 def load_ema_weights(ckpt_dir: str | Path, step: int) -> dict[str, torch.Tensor]:
     """Only the EMA weights of a checkpoint (for sampling), as a state dict."""
     st_path = checkpoint_paths(ckpt_dir, step)[0]
-    try:
-        tensors = load_file(str(st_path))
-    except (SafetensorError, OSError) as e:
-        raise UserError(f"{st_path}: cannot read ({e}); re-run stage 2 with --fresh") from None
-    return {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
+    problem = checkpoint_problem(ckpt_dir, step)
+    if problem is not None:
+        raise UserError(f"{problem}; re-run stage 2 to rebuild it")
+    tensors = load_safetensors(st_path, "re-run stage 2 to rebuild it", finite=True, keys=lambda k: k.startswith("ema."))
+    return {k[4:]: v for k, v in tensors.items()}

@@ -12,11 +12,14 @@ report and a finished run a full one. Reads (all optional):
 and writes report.json (all metrics, per-stage timings, config summary, environment) and report.md (summary
 tables and the PNGs beside it: samples.png, train_loss.png, top1.png, cas_per_class.png). A missing or
 unreadable optional input is skipped with a warning; writing the report never stops the pipeline.
+
+report.json is written last and records what the report was made from (`sources`, given by the stage driver:
+the config and each stage's ledger) and the sha256 of report.md and of the plots, so `report_is_current` tells
+a report that is up to date from one that a kill, a re-run stage or a damaged file has left stale.
 """
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import math
 import os
 import platform
@@ -26,7 +29,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..utils import atomic_path, human_seconds, log, write_json, write_text
+from ..utils import UserError, atomic_path, file_sha256, human_seconds, log, read_json, write_json, write_text
 
 LOSS_PNG, TOP1_PNG, CAS_PNG = "train_loss.png", "top1.png", "cas_per_class.png"
 
@@ -39,9 +42,9 @@ def _read_optional_json(path: Path) -> Any:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        log.warning("report: skipping %s (%s)", path, e)
+        return read_json(path)
+    except UserError as e:
+        log.warning("report: skipping %s", e)
         return None
 
 
@@ -289,16 +292,19 @@ def _markdown(cfg, rd, summary: dict, stages: dict[int, dict], env: dict, pngs: 
 # ----------------------------------------------------------------------------------------------
 # Entry point
 # ----------------------------------------------------------------------------------------------
-def write_report(cfg, rd) -> dict:
+def write_report(cfg, rd, stages: dict[int, dict] | None = None, sources: dict | None = None) -> dict:
     """Write report.json and report.md (+ plots) into the run directory `rd` (a RunDir); return report.json's dict.
 
-    Works with any subset of stages finished; never raises for missing or malformed optional inputs.
+    stages: {stage: metrics} of the finished stages (default: every stageN/metrics.json there is); sources:
+    what the report is made from, stored for `report_is_current`. Works with any subset of stages finished;
+    never raises for missing or malformed optional inputs.
     """
-    stages: dict[int, dict] = {}
-    for n in (1, 2, 3):
-        m = _read_optional_json(rd.metrics(n))
-        if isinstance(m, dict):
-            stages[n] = m
+    if stages is None:
+        stages = {}
+        for n in (1, 2, 3):
+            m = _read_optional_json(rd.metrics(n))
+            if isinstance(m, dict):
+                stages[n] = m
     summary = summarize(stages)
     env = environment(stages)
 
@@ -328,8 +334,21 @@ def write_report(cfg, rd) -> dict:
         "config_full": cfg.to_dict(),
         "environment": env,
         "plots": [name for _, name in pngs],
+        "sources": sources,
     }
-    write_json(rd.report_json, report)
     write_text(rd.report_md, _markdown(cfg, rd, summary, stages, env, pngs))
+    report["files"] = {p.name: file_sha256(p) for p in [rd.report_md] + [rd.root / name for _, name in pngs]}
+    write_json(rd.report_json, report)  # last: a report.json names a complete report
     log.info("report: %s (stages %s)", rd.report_md, ", ".join(map(str, sorted(stages))) or "none")
     return report
+
+
+def report_is_current(rd, sources: dict) -> bool:
+    """True when report.json was made from `sources` and report.md and its plots are the files it wrote."""
+    report = _read_optional_json(rd.report_json)
+    if not isinstance(report, dict) or report.get("sources") != sources or not isinstance(report.get("files"), dict):
+        return False
+    try:
+        return all(file_sha256(rd.root / name) == sha for name, sha in report["files"].items())
+    except OSError:
+        return False

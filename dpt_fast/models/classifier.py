@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from ..utils import UserError, atomic_path, load_npz, read_json, save_npz, write_json
+from ..utils import (REBUILD, UserError, atomic_path, load_npz, load_safetensors, read_json, safetensors_metadata,
+                     save_npz, write_json)
 from .encoder import ConvEncoder, encode
 
 PAPER_LOGREG_C = 400.0  # = 1 / (N * lambda) with the paper's lambda = 0.0025 / N
@@ -75,9 +76,12 @@ class LinearHead:
                        "intercept": torch.from_numpy(np.ascontiguousarray(self.intercept, np.float32))}, str(tmp))
 
     @classmethod
-    def load(cls, path: str | Path) -> "LinearHead":
-        t = load_file(str(path))
-        return cls(t["coef"].numpy(), t["intercept"].numpy())
+    def load(cls, path: str | Path, fix: str = REBUILD) -> "LinearHead":
+        t = load_safetensors(path, fix, finite=True)
+        coef, intercept = t.get("coef"), t.get("intercept")
+        if coef is None or intercept is None or coef.ndim != 2 or intercept.shape != (coef.shape[0],):
+            raise UserError(f"{path}: not a logistic-regression head (coef [K, D], intercept [K]); {fix}")
+        return cls(coef.numpy(), intercept.numpy())
 
 
 def fit_logreg(x: np.ndarray, y: np.ndarray, c: float, num_classes: int,
@@ -221,15 +225,15 @@ def save_encoder(model: ConvEncoder, meta: dict, path: Path) -> None:
                   metadata={"meta": json.dumps(meta, sort_keys=True)})
 
 
-def load_encoder(path: Path) -> tuple[ConvEncoder, dict]:
-    from safetensors import safe_open
-
+def load_encoder(path: Path, fix: str = REBUILD) -> tuple[ConvEncoder, dict]:
     if not path.is_file():
         raise UserError(f"{path} is missing: run `python -m dpt_fast.stage --stage 1` first")
-    with safe_open(str(path), "pt") as f:
-        meta = json.loads((f.metadata() or {}).get("meta", "{}"))
-    model = ConvEncoder(meta["in_chans"], meta["width"], meta["feature_dim"])
-    model.load_state_dict(load_file(str(path)))
+    try:
+        meta = json.loads(safetensors_metadata(path, fix).get("meta", "{}"))
+        model = ConvEncoder(meta["in_chans"], meta["width"], meta["feature_dim"])
+        model.load_state_dict(load_safetensors(path, fix, finite=True))
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise UserError(f"{path}: not an encoder written by stage 1 ({type(e).__name__}); {fix}") from None
     return model.eval(), meta
 
 

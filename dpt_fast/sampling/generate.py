@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from ..diffusion.schedule import NoiseScheduleVP
 from ..distributed import barrier, rank_world
 from ..ops.dpm_solver_update import resolve_backend
-from ..utils import UserError, load_npz, log, read_json, save_npz, write_json
+from ..utils import UserError, file_sha256, load_npz, log, read_json, save_npz, write_json
 from .dpm_solver import DPMSolver, model_wrapper
 
 __all__ = ["generate", "load_generated", "item_noise"]
@@ -66,21 +66,21 @@ def _to_uint8(x: torch.Tensor) -> np.ndarray:
     return x.float().add(1.0).mul(127.5).round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()
 
 
-def _shard_ok(path: Path, labels: np.ndarray, index: np.ndarray) -> bool:
-    """A finished shard holds exactly the expected items (reads only the small arrays)."""
+def _shard_ok(path: Path, labels: np.ndarray, index: np.ndarray, sha256: Optional[str] = None) -> bool:
+    """A finished shard holds exactly the expected items and, when its sha256 was recorded, is those bytes."""
     if not path.is_file():
         return False
     try:
-        with np.load(path, allow_pickle=False) as z:
-            return (
-                "images" in z.files
-                and np.array_equal(z["labels"], labels)
-                and np.array_equal(z["index"], index)
-                and z["images"].dtype == np.uint8
-                and z["images"].shape[0] == len(labels)
-            )
-    except (OSError, ValueError, KeyError):
+        z = load_npz(path, keys=("images", "labels", "index"))
+    except UserError:  # truncated or garbled: made again
         return False
+    if not (np.array_equal(z["labels"], labels) and np.array_equal(z["index"], index)
+            and z["images"].dtype == np.uint8 and z["images"].shape[0] == len(labels)):
+        return False
+    if sha256 is not None and file_sha256(path) != sha256:
+        log.warning(f"{path} is not the file that was written (sha256 differs); regenerating it")
+        return False
+    return True
 
 
 def _prepare_dir(out_dir: Path, identity: dict, on_mismatch: str) -> dict:
@@ -211,7 +211,9 @@ def generate(
         return slice(s * shard_size, min(n, (s + 1) * shard_size))
 
     mine = [s for s in range(n_shards) if s % world == rank]
-    todo = [s for s in mine if not _shard_ok(_shard_path(out_dir, s), labels_all[shard_items(s)], index_all[shard_items(s)])]
+    recorded = previous.get("shard_sha256") or {}  # of shards written by earlier runs with this identity
+    todo = [s for s in mine if not _shard_ok(_shard_path(out_dir, s), labels_all[shard_items(s)], index_all[shard_items(s)],
+                                             recorded.get(str(s)))]
 
     # One solver per batch size (the conditioning lives in a per-size buffer the wrapper reads in place, so a
     # captured CUDA graph sees each new batch's labels after copy_).
@@ -268,6 +270,12 @@ def generate(
         save_npz(_shard_path(out_dir, s), images=np.concatenate(images), labels=lab, index=idx)
     bar.close()
     seconds = time.perf_counter() - t0
+    # The sha256 of every shard of this rank, as written (or checked above), for the manifest.
+    hashes = {str(s): file_sha256(_shard_path(out_dir, s)) for s in mine}
+    if world > 1:
+        gathered: list = [None] * world
+        torch.distributed.all_gather_object(gathered, hashes)
+        hashes = {k: v for h in gathered for k, v in h.items()}
     barrier()
 
     rate = n_todo / seconds if n_todo and seconds > 0 else float(previous.get("images_per_second", 0.0))
@@ -275,7 +283,8 @@ def generate(
         missing = [s for s in range(n_shards) if not _shard_path(out_dir, s).is_file()]
         if missing:
             raise UserError(f"{out_dir}: shards {missing[:5]} are missing after generation; re-run to complete them")
-        write_json(out_dir / MANIFEST, {**read_json(out_dir / MANIFEST), "complete": True, "images_per_second": rate,
+        write_json(out_dir / MANIFEST, {**read_json(out_dir / MANIFEST), "complete": True, "shard_sha256": hashes,
+                                        "images_per_second": rate,
                                         "last_run_seconds": seconds})
     barrier()
     nfe = next(iter(samplers.values()))[1].last_nfe if samplers else None
@@ -303,7 +312,11 @@ def load_generated(out_dir: str | Path, per_class: int = 0) -> tuple[np.ndarray,
         p = _shard_path(out_dir, s)
         if not p.is_file():
             raise UserError(f"{p} is missing; re-run stage 2 to regenerate it")
-        z = load_npz(p, keys=("images", "labels", "index"))
+        sha = (man.get("shard_sha256") or {}).get(str(s))
+        if sha is not None and file_sha256(p) != sha:
+            raise UserError(f"{p} is damaged (not the bytes generation wrote); re-run stage 2 to regenerate it")
+        z = load_npz(p, keys=("images", "labels", "index"), fix="re-run stage 2 to regenerate it",
+                     spec={"images": ("u", 4), "labels": ("iu", 1), "index": ("iu", 1)})
         x, y = z["images"], z["labels"]
         if per_class > 0:
             keep = np.zeros(len(y), dtype=bool)

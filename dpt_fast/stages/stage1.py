@@ -26,7 +26,11 @@ Outputs (run directory contract + what stage 3 needs, no pickle):
     stage1/test_features.npy/.json  (memory-mapped; filled in chunks, a killed run continues) and of the test
     stage1/test_labels.npz          images, with their labels: what stage 3 reads instead of the images
 A killed run continues SimCLR from its last epoch and ends with the same weights as an uninterrupted one.
-Re-running with another split but the same SSL/UMAP config reuses the encoder and the UMAP coordinates.
+Re-running with another split but the same SSL/UMAP config reuses the encoder and the UMAP coordinates; a
+damaged or missing encoder / UMAP file is rebuilt. A SimCLR loss that turns NaN/inf stops the run with a
+one-line error naming the epoch, step and key (the last good epoch's checkpoint is kept). Under torchrun only
+the feature extraction of stage1.method=features is shared by the ranks; everything else runs on rank 0 while
+the others wait.
 """
 from __future__ import annotations
 
@@ -38,21 +42,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..config import Config
 from ..data import ArrayDataset, save_split, select_labelled
 from ..data.stream import RealData, cached_features, open_real_data
-from ..distributed import setup_distributed
+from ..distributed import run_on_rank0, setup_distributed
 from ..models.classifier import (PAPER_LOGREG_C, BackboneSpace, PcaSpace, SimclrUmapSpace, fit_logreg, load_encoder,
                                  save_encoder)
 from ..models.encoder import ConvEncoder, augment, encode, nt_xent
-from ..utils import UserError, atomic_path, log, read_json, resolve_device, save_npz
+from ..utils import (UserError, load_safetensors, log, read_json, resolve_device, safetensors_metadata, save_npz,
+                     save_safetensors)
 from .rundir import RunDir
 
-SSL_KEYS = ("ssl_epochs", "ssl_batch_size", "ssl_lr", "ssl_temperature", "feature_dim", "width")
+SSL_KEYS = ("ssl_epochs", "ssl_batch_size", "ssl_lr", "ssl_temperature", "ssl_noise", "feature_dim", "width")
 UMAP_KEYS = ("umap_dim", "umap_neighbors", "umap_min_dist", "umap_epochs")
 
 
@@ -85,21 +88,23 @@ def _save_checkpoint(path: Path, model: ConvEncoder, opt: torch.optim.Optimizer,
     tensors["rng"] = gen.get_state()
     meta = {"fingerprint": fingerprint, "epoch": str(epoch), "step": str(step),
             "param_groups": json.dumps(osd["param_groups"])}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+    save_safetensors(path, tensors, meta)
 
 
 def _load_checkpoint(path: Path, model: ConvEncoder, opt: torch.optim.Optimizer, gen: torch.Generator,
                      fingerprint: str) -> tuple[int, int]:
-    """Restore a checkpoint in place; returns (epochs done, steps done), (0, 0) if none or stale."""
+    """Restore a checkpoint in place; returns (epochs done, steps done), (0, 0) if none, stale or damaged."""
     if not path.is_file():
         return 0, 0
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    if meta.get("fingerprint") != fingerprint:
-        log.info("stage 1: ignoring SimCLR checkpoint %s made with another config", path)
+    try:
+        meta = safetensors_metadata(path)
+        if meta.get("fingerprint") != fingerprint:
+            log.info("stage 1: ignoring SimCLR checkpoint %s made with another config", path)
+            return 0, 0
+        t = load_safetensors(path, finite=True)
+    except UserError as e:
+        log.warning("stage 1: ignoring a damaged SimCLR checkpoint (%s); training from the start", e)
         return 0, 0
-    t = load_file(str(path))
     model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
     state: dict[int, dict] = {}
     for k, v in t.items():
@@ -123,7 +128,11 @@ def train_simclr(images: np.ndarray, cfg: Config, out: Path, progress: bool = Tr
     fp = ssl_fingerprint(cfg)
     final = out / "encoder.safetensors"
     if final.is_file():
-        model, meta = load_encoder(final)
+        try:
+            model, meta = load_encoder(final)
+        except UserError as e:
+            log.warning("stage 1: %s; training the encoder again", e)
+            meta = {}
         if meta.get("fingerprint") == fp:
             log.info("stage 1: reusing the trained SimCLR encoder %s", final)
             return model
@@ -159,7 +168,11 @@ def train_simclr(images: np.ndarray, cfg: Config, out: Path, progress: bool = Tr
             loss.backward()
             opt.step()
             step += 1
-            loss_sum += loss.item()
+            loss_value = loss.item()  # the per-step sync SimCLR has always had (a tiny model: not a bottleneck)
+            if not math.isfinite(loss_value):
+                raise UserError(f"stage 1: SimCLR diverged at epoch {epoch + 1}, step {step} (loss {loss_value}); lower "
+                                f"stage1.ssl_lr (now {s1.ssl_lr:g}) and re-run (the checkpoint of epoch {epoch} is kept)")
+            loss_sum += loss_value
         bar.set_postfix(loss=f"{loss_sum / steps_per_epoch:.3f}")
         _save_checkpoint(ckpt, model, opt, gen, epoch + 1, step, fp)
         if on_epoch is not None:
@@ -214,17 +227,24 @@ def fit_umap(feats: np.ndarray, cfg: Config, progress: bool = True) -> np.ndarra
 
 
 def _simclr_umap_space(cfg: Config, ds: ArrayDataset, out: Path, progress: bool, device) -> SimclrUmapSpace:
-    """The SimCLR -> UMAP representation, reusing a saved one (same SSL + UMAP fingerprint) when possible."""
+    """The SimCLR -> UMAP representation, reusing a saved one (same SSL + UMAP fingerprint) when possible; a
+    missing or damaged piece (encoder, UMAP coordinates) is made again."""
     fp = umap_fingerprint(cfg)
     saved = out / "space.json"
-    if saved.is_file() and read_json(saved).get("fingerprint") == fp:
-        space = SimclrUmapSpace.load(out, {"knn": cfg.stage1.knn_transform, "fingerprint": fp}, device)
-        log.info("stage 1: reusing the SimCLR encoder and UMAP coordinates in %s", out)
-        return space
+    try:
+        if saved.is_file() and read_json(saved).get("fingerprint") == fp:
+            space = SimclrUmapSpace.load(out, {"knn": cfg.stage1.knn_transform, "fingerprint": fp}, device)
+            log.info("stage 1: reusing the SimCLR encoder and UMAP coordinates in %s", out)
+            return space
+    except (UserError, AttributeError) as e:
+        log.warning("stage 1: cannot reuse the saved representation (%s); making it again", e)
     t0 = time.time()
     encoder = train_simclr(ds.x_train, cfg, out, progress=progress, device=device)
     t1 = time.time()
     feats = encode(encoder, ds.x_train, device=device)
+    if not np.isfinite(feats).all():
+        raise UserError(f"stage 1: the SimCLR encoder gives NaN/inf features; lower stage1.ssl_lr (now "
+                        f"{cfg.stage1.ssl_lr:g}) and re-run")
     coords = fit_umap(feats, cfg, progress)
     log.info("stage 1: SimCLR %.1f s, UMAP %.1f s", t1 - t0, time.time() - t1)
     _, meta = load_encoder(out / "encoder.safetensors")
@@ -264,18 +284,35 @@ def backbone_features(cfg: Config, real: RealData, out: Path, device, progress: 
 
 
 def run(cfg: Config, rd: RunDir, progress: bool = True) -> dict:
-    """Fit the semi-supervised learner, write split.json and stage1/pseudo_labels.npz; return the metrics."""
+    """Fit the semi-supervised learner, write split.json and stage1/pseudo_labels.npz; return the metrics.
+
+    Under torchrun the ranks share the backbone feature extraction of stage1.method=features; the rest runs on
+    rank 0 while the others wait (`run_on_rank0`): no two ranks write one file.
+    """
+    if cfg.data.name == "latents" and cfg.stage1.method != "features":
+        raise UserError(f"stage1.method={cfg.stage1.method} needs the images in memory; data.name=latents streams them: "
+                        "use stage1.method=features with stage1.backbone=<timm name> stage1.backbone_weights=FILE")
     t0, c0 = time.time(), time.process_time()
+    if cfg.stage1.method != "features":
+        return run_on_rank0(_run, cfg, rd, progress, t0, c0)
+    _, _, device = setup_distributed(resolve_device(cfg.device))
+    real = open_real_data(cfg.data, device, progress)
+    features = backbone_features(cfg, real, rd.stage(1), device, progress)  # every rank computes its chunks
+    return run_on_rank0(_run, cfg, rd, progress, t0, c0, real, features)
+
+
+def _run(cfg: Config, rd: RunDir, progress: bool, t0: float, c0: float, real: RealData | None = None,
+         features=None) -> dict:
     s1 = cfg.stage1
     out = rd.stage(1)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
-    if cfg.data.name == "latents" and s1.method != "features":
-        raise UserError(f"stage1.method={s1.method} needs the images in memory; data.name=latents streams them: use "
-                        "stage1.method=features with stage1.backbone=<timm name> stage1.backbone_weights=FILE")
-    if s1.method == "features":
-        _, _, device = setup_distributed(device)  # under torchrun the ranks share the feature extraction
-    real = open_real_data(cfg.data, device, progress)
+    if real is None:
+        real = open_real_data(cfg.data, device, progress)
+    if real.num_classes < 2:
+        raise UserError(f"{cfg.data.root or cfg.data.name}: the training images hold {real.num_classes} class "
+                        f"({', '.join(map(str, real.classes))}); classification needs at least 2 classes (for an "
+                        "ImageFolder: one sub-folder per class)")
     y = real.y_train
     labelled = select_labelled(cfg.split, y, real.files, real.skipped)
     save_split(rd.split, labelled, len(y), labels_per_class=cfg.split.labels_per_class,
@@ -284,7 +321,7 @@ def run(cfg: Config, rd: RunDir, progress: bool = True) -> dict:
              torch.get_num_threads(), len(y), len(labelled))
 
     if s1.method == "features":
-        space, x_train, x_test = backbone_features(cfg, real, out, device, progress)
+        space, x_train, x_test = features
         save_npz(out / "test_labels.npz", label=real.y_test.astype(np.int64))
     else:
         ds = real.arrays

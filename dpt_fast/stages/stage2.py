@@ -22,13 +22,12 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from ..config import Config
 from ..data import load_dataset, to_float
 from ..diffusion import make_schedule
 from ..diffusion.train import BatchSource, as_eps_model, train_diffusion
-from ..distributed import setup_distributed
+from ..distributed import run_on_rank0, setup_distributed
 from ..models import build_uvit
 from ..sampling import generate, load_generated
 from ..utils import UserError, load_npz, log, resolve_device, seed_everything
@@ -38,12 +37,14 @@ from .rundir import RunDir
 _RESUMABLE_KEYS = ("steps", "ckpt_every", "keep_checkpoints", "log_every")
 # Data settings stage 2 does not train on (the test split; source images that stages 1 and 3 re-decode).
 _NOT_TRAINED_ON = ("test_root", "image_root")
+# Model settings that change memory and speed, not the weights (gradient checkpointing recomputes the same values).
+_NOT_WEIGHTS = ("use_checkpoint",)
 
 
 def load_pseudo_labels(rd: RunDir, n_train: int, num_classes: int) -> torch.Tensor:
     """The stage-1 pseudo-label of every training image, aligned by index: int64 [n_train]."""
     path = rd.require(rd.pseudo_labels, 1)
-    z = load_npz(path, keys=("index", "label"))
+    z = load_npz(path, keys=("index", "label"), fix=rd.rerun(1), spec={"index": ("iu", 1), "label": ("iu", 1)})
     index, label = z["index"].astype(np.int64), z["label"].astype(np.int64)
     if index.shape != label.shape or index.ndim != 1:
         raise UserError(f"{path}: 'index' and 'label' must be 1-D arrays of the same length; re-run stage 1")
@@ -63,7 +64,8 @@ def train_fingerprint(cfg: Config, labels: torch.Tensor) -> str:
     d = cfg.to_dict()
     train = {k: v for k, v in d["train"].items() if k not in _RESUMABLE_KEYS}
     data = {k: v for k, v in d["data"].items() if k not in _NOT_TRAINED_ON}
-    sub = {"seed": d["seed"], "data": data, "model": d["model"], "diffusion": d["diffusion"], "train": train,
+    model = {k: v for k, v in d["model"].items() if k not in _NOT_WEIGHTS}
+    sub = {"seed": d["seed"], "data": data, "model": model, "diffusion": d["diffusion"], "train": train,
            "labels": hashlib.sha256(labels.numpy().tobytes()).hexdigest()}
     return hashlib.sha256(json.dumps(sub, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -130,7 +132,7 @@ def _load_data(cfg: Config, device: torch.device, progress: bool = True) -> _Dat
 
 def run(cfg: Config, rd: RunDir, progress: bool = True) -> dict:
     t_start = time.time()
-    rank, world, device = setup_distributed(resolve_device(cfg.device))
+    _, world, device = setup_distributed(resolve_device(cfg.device))
     data = _load_data(cfg, device, progress)
     num_classes = data.num_classes
     labels = load_pseudo_labels(rd, len(data.x), num_classes)
@@ -155,15 +157,11 @@ def run(cfg: Config, rd: RunDir, progress: bool = True) -> dict:
                           prediction=cfg.diffusion.prediction)
     data.x = None  # free the training set before sampling
 
-    s = cfg.sample
-    gen = generate(as_eps_model(res.ema, schedule, cfg.diffusion.prediction), schedule, list(range(num_classes)), cfg.gen.k_per_class, data.shape, rd.generated,
-                   null_class=num_classes, cfg_scale=s.cfg_scale, steps=s.steps, order=s.order, method=s.method,
-                   algorithm=s.algorithm, skip_type=s.skip_type, batch_size=cfg.gen.batch_size,
-                   shard_size=cfg.gen.shard_size, seed=cfg.seed, device=device, backend=s.backend,
-                   cuda_graph=s.cuda_graph, decode=data.decode, progress=progress, model_id=f"{fp}@{res.step}")
+    gen = generate(as_eps_model(res.ema, schedule, cfg.diffusion.prediction), schedule, list(range(num_classes)),
+                   shape=data.shape, out_dir=rd.generated, null_class=num_classes, device=device, decode=data.decode,
+                   progress=progress, model_id=f"{fp}@{res.step}", **generation_settings(cfg))
 
-    metrics = None
-    if rank == 0:
+    def evaluate() -> dict:  # rank 0 only (run_on_rank0): the others wait, then get the same metrics
         metrics = _evaluate(cfg, rd, data, device)
         metrics.update(
             images_per_second=gen["images_per_second"],
@@ -183,11 +181,17 @@ def run(cfg: Config, rd: RunDir, progress: bool = True) -> dict:
         )
         log.info("stage 2: FID %s, CAS %s; %.1f train img/s, %.1f generated img/s", _fmt(metrics["fid"], ".2f"),
                  _fmt(metrics["cas"], ".3f"), metrics["train_images_per_second"], metrics["images_per_second"])
-    if world > 1:  # every rank returns the same metrics (the driver writes them on each)
-        box = [metrics]
-        dist.broadcast_object_list(box, src=0)
-        metrics = box[0]
-    return metrics
+        return metrics
+
+    return run_on_rank0(evaluate)
+
+
+def generation_settings(cfg: Config) -> dict:
+    """The `generate` arguments stage 2 takes from the config: K, the sampler, batching, sharding and the seed."""
+    s, g = cfg.sample, cfg.gen
+    return {"k_per_class": g.k_per_class, "cfg_scale": s.cfg_scale, "steps": s.steps, "order": s.order,
+            "method": s.method, "algorithm": s.algorithm, "skip_type": s.skip_type, "batch_size": g.batch_size,
+            "shard_size": g.shard_size, "seed": cfg.seed, "backend": s.backend, "cuda_graph": s.cuda_graph}
 
 
 def _evaluate(cfg: Config, rd: RunDir, data: _Data, device: torch.device) -> dict:

@@ -13,6 +13,10 @@ other methods re-embed the in-memory images.
 
 `stage3.min_confidence > 0` is a variant that is NOT the paper's default (which uses all K images): it keeps
 only the generated images to which the stage-1 classifier gives at least that probability of their class.
+
+split.json must hold the labelled images of this config's split.* (checked against the split recomputed from
+the config): another list of valid indices is refused, not used. Under torchrun the ranks share the embedding
+of the generated images (stage1.method=features); the classifier is fitted on rank 0 while the others wait.
 """
 from __future__ import annotations
 
@@ -22,8 +26,9 @@ import time
 import numpy as np
 
 from ..config import Config
-from ..data import load_dataset, load_split
+from ..data import load_dataset, load_split, select_labelled
 from ..data.stream import ShardSource, cached_features, open_features
+from ..distributed import rank_world, run_on_rank0
 from ..models.classifier import LinearHead, fit_logreg, load_space
 from ..utils import UserError, load_npz, log, read_json, resolve_device
 from .rundir import RunDir
@@ -32,12 +37,13 @@ from .rundir import RunDir
 def generated_source(rd: RunDir) -> ShardSource:
     """Stage 2's generated images as a source read one shard at a time (UserError if missing or unfinished)."""
     path = rd.require(rd.generated / "manifest.json", 2)
-    man = read_json(path)
-    if not man.get("complete"):
+    man = read_json(path, rd.rerun(2))
+    if not isinstance(man, dict) or not man.get("complete"):
         raise UserError(f"{rd.generated}: the generation is incomplete; re-run stage 2 to finish it")
     shards = sorted(rd.generated.glob("shard-*.npz"))
-    if len(shards) != int(man["num_shards"]):
-        raise UserError(f"{rd.generated}: {len(shards)} shards but the manifest lists {man['num_shards']}; re-run stage 2")
+    if len(shards) != man.get("num_shards"):
+        raise UserError(f"{rd.generated}: {len(shards)} shards but the manifest lists {man.get('num_shards')}; "
+                        f"{rd.rerun(2)}")
     identity = json.dumps({k: man.get(k) for k in ("identity", "num_images", "k_per_class")}, sort_keys=True)
     return ShardSource(shards, identity)
 
@@ -58,11 +64,18 @@ def _streamed_inputs(cfg: Config, rd: RunDir, space, labelled: np.ndarray, progr
     if not np.all(pl["prob"][labelled] == 1.0):
         raise UserError(f"{rd.pseudo_labels}: the labelled images of {rd.split} carry no true labels; re-run stage 1")
     y_lab = pl["label"][labelled].astype(np.int64)  # stage 1 keeps each labelled image's true label (prob 1)
+    gen, x_gen = generated_features(rd, space, progress)
+    return np.asarray(x_train[labelled]), y_lab, np.asarray(x_gen), gen.labels, x_test, y_test
+
+
+def generated_features(rd: RunDir, space, progress: bool):
+    """(source, float32 [N, D] memmap): the backbone features of the generated images, cached in stage3/ (under
+    torchrun each rank computes its chunks)."""
     gen = generated_source(rd)
     x_gen = cached_features(space.embed_tensor, gen, rd.stage(3) / "generated_features.npy", key=space.identity(),
                             dim=space.dim, batch_size=space.batch_size, progress=progress,
                             desc="stage 3 features (generated)")
-    return np.asarray(x_train[labelled]), y_lab, np.asarray(x_gen), gen.labels, x_test, y_test
+    return gen, x_gen
 
 
 def _in_memory_inputs(cfg: Config, rd: RunDir, space, labelled: np.ndarray, progress: bool):
@@ -75,7 +88,12 @@ def _in_memory_inputs(cfg: Config, rd: RunDir, space, labelled: np.ndarray, prog
         raise UserError(f"{rd.generated}: generated images are {tuple(gen_x.shape[1:])} but the data set's are "
                         f"{tuple(ds.x_train.shape[1:])}; re-run stage 2 with this config")
     if not len(labelled) or labelled.max() >= len(ds.y_train):
-        raise UserError(f"{rd.split}: labelled indices do not fit the {len(ds.y_train)} training images; re-run stage 1")
+        raise UserError(f"{rd.split}: labelled indices do not fit the {len(ds.y_train)} training images; {rd.rerun(1)}")
+    skipped = tuple(s["file"] for s in getattr(ds, "skipped", []))
+    expected = select_labelled(cfg.split, ds.y_train, getattr(ds, "train_files", None) or None, skipped)
+    if not np.array_equal(labelled, expected):
+        raise UserError(f"{rd.split} does not hold the labelled images of this config's split.* ({len(labelled)} "
+                        f"indices, {len(np.setdiff1d(labelled, expected))} not in the split); {rd.rerun(1)}")
     return (space.embed_train(ds.x_train, labelled), ds.y_train[labelled], space.embed(gen_x, progress=progress), gen_y,
             space.embed(ds.x_test, progress=progress), ds.y_test)
 
@@ -83,10 +101,18 @@ def _in_memory_inputs(cfg: Config, rd: RunDir, space, labelled: np.ndarray, prog
 def run(cfg: Config, rd: RunDir, progress: bool = True) -> dict:
     """Fit the stage-3 classifier, save stage3/head.safetensors, return the metrics."""
     t0, c0 = time.time(), time.process_time()
-    m1 = read_json(rd.require(rd.metrics(1), 1))
+    if rank_world()[1] > 1:
+        space = load_space(rd.stage(1), resolve_device(cfg.device))
+        if space.kind == "backbone":  # the ranks share the embedding; rank 0 then finds the cache complete
+            generated_features(rd, space, progress)
+    return run_on_rank0(_run, cfg, rd, progress, t0, c0)
+
+
+def _run(cfg: Config, rd: RunDir, progress: bool, t0: float, c0: float) -> dict:
+    m1 = read_json(rd.require(rd.metrics(1), 1), rd.rerun(1))
     rd.require(rd.generated, 2)
     space = load_space(rd.stage(1), resolve_device(cfg.device))
-    head1 = LinearHead.load(rd.require(rd.stage(1) / "head.safetensors", 1))
+    head1 = LinearHead.load(rd.require(rd.stage(1) / "head.safetensors", 1), rd.rerun(1))
     num_classes = len(head1.intercept)
     labelled = np.sort(load_split(rd.split))
     inputs = _streamed_inputs if space.kind == "backbone" else _in_memory_inputs
