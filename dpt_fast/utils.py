@@ -215,18 +215,18 @@ _NPY_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib
 
 
 def load_npz(path: str | os.PathLike, keys: tuple[str, ...] = (), fix: str = REBUILD,
-             spec: Optional[dict[str, tuple[str, int]]] = None) -> dict[str, np.ndarray]:
-    """Load an .npz without unpickling (every entry is read in full, so zip CRCs are checked).
+             spec: Optional[dict[str, tuple[str, int]]] = None, only: bool = False) -> dict[str, np.ndarray]:
+    """Load an .npz without unpickling (every entry read is read in full, so its zip CRC is checked).
 
-    keys: arrays that must be present. spec: {name: (dtype kind(s) as in np.dtype.kind, e.g. "iu", ndim)}
-    that those arrays must have (e.g. {"label": ("iu", 1)}).
+    keys: arrays that must be present (only=True: read just those, e.g. the labels beside large images).
+    spec: {name: (dtype kind(s) as in np.dtype.kind, e.g. "iu", ndim)} that those arrays must have.
     """
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as z:
             if not hasattr(z, "files"):
                 raise ValueError("a .npy array, not an .npz archive")
-            out = {k: z[k] for k in z.files}
+            out = {k: z[k] for k in z.files if not only or k in keys}
     except _NPY_ERRORS as e:
         raise _read_error(path, e, fix) from None
     missing = [k for k in keys if k not in out]

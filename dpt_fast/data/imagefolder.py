@@ -393,6 +393,9 @@ def load_imagefolder(data_cfg, progress: bool = True) -> ImageFolderDataset:
         full = scan_imagefolder(root, data_cfg.on_bad_image, progress=progress)
         held = _held_out(full.labels, TEST_FRACTION)
         indices = [_subset(full, ~held, full.skipped), _subset(full, held, [])]
+    if len(indices[0].classes) < 2:
+        raise UserError(f"{root}: one class folder ({indices[0].classes[0]}); classification needs at least two, "
+                        "one sub-folder per class")
     n = sum(len(i) for i in indices)
     if n * 3 * size * size > MAX_IN_MEMORY_BYTES:
         raise UserError(

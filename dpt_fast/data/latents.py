@@ -37,9 +37,11 @@ import numpy as np
 import torch
 
 from ..distributed import barrier, rank_world
-from ..utils import UserError, atomic_path, log, read_json, write_json, write_text
+from ..utils import UserError, atomic_path, load_npy, log, read_json, read_text, write_json, write_text
 from .imagefolder import ImageIndex, scan_imagefolder
 from .vae import SCALE, sample_latents
+
+_PREPARE_AGAIN = "re-run python -m dpt_fast.data.prepare with the same --out to rebuild it"
 
 FORMAT = "dpt_fast.prepared/1"
 DTYPES = ("float16", "float32")
@@ -69,8 +71,8 @@ def _shard_ok(path: Path, shape: tuple[int, ...], dtype: str) -> bool:
     if not path.is_file():
         return False
     try:
-        a = np.load(path, mmap_mode="r")
-    except (ValueError, OSError):
+        a = load_npy(path, mmap_mode="r")
+    except UserError:
         return False
     return a.shape == shape and a.dtype == np.dtype(dtype)
 
@@ -283,11 +285,8 @@ class _Shards:
         self.shard_size = int(m["shard_size"])
         self.shards = []
         for name in m["shards"]:
-            try:
-                self.shards.append(np.load(self.root / name, mmap_mode="r"))
-            except (OSError, ValueError):
-                raise UserError(f"{self.root / name}: missing or unreadable; re-run python -m dpt_fast.data.prepare to rebuild it") from None
-        self.labels = np.load(self.root / m["labels"], allow_pickle=False).astype(np.int64)
+            self.shards.append(load_npy(self.root / name, _PREPARE_AGAIN, mmap_mode="r"))
+        self.labels = load_npy(self.root / m["labels"], _PREPARE_AGAIN).astype(np.int64)
         if len(self.labels) != m["num_images"] or sum(len(s) for s in self.shards) != m["num_images"]:
             raise UserError(f"{self.root}: shards/labels do not add up to {m['num_images']} images; re-run prepare with --fresh")
         self.classes: list[str] = list(m["classes"])
@@ -302,7 +301,7 @@ class _Shards:
     @property
     def files(self) -> list[str]:
         """File i relative to the image root (for subset lists)."""
-        return (self.root / self.manifest["files"]).read_text().splitlines()
+        return read_text(self.root / self.manifest["files"], _PREPARE_AGAIN).splitlines()
 
     def _gather(self, indices: np.ndarray, *extra: np.ndarray) -> np.ndarray:
         """rows[indices] (with extra index arrays on dim 1...), reading only those rows of each shard."""

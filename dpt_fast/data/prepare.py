@@ -15,7 +15,7 @@ from datetime import timedelta
 
 import torch
 
-from ..distributed import launched_by_torchrun, setup_distributed
+from ..distributed import launched_by_torchrun, report_failure, setup_distributed
 from ..utils import UserError, setup_logging
 
 
@@ -57,10 +57,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        report_failure(str(e))  # under torchrun: the other ranks stop too
         return 2
     except KeyboardInterrupt:
         print("interrupted: re-run the same command to resume (finished shards are kept)", file=sys.stderr)
+        report_failure("interrupted")
         return 130
+    except Exception as e:
+        report_failure(f"{type(e).__name__}: {e}")
+        raise
     finally:
         if distributed and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

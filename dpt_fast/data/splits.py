@@ -9,7 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..utils import UserError, read_json, write_json, write_text
+from ..utils import UserError, read_json, read_text, write_json, write_text
 
 
 def labelled_indices(y: np.ndarray, labels_per_class: int = 1, fraction: float = 0.0, seed: int = 0) -> np.ndarray:
@@ -77,7 +77,7 @@ def read_subset_file(path: str | os.PathLike, files: Sequence[str], skipped: Seq
         by_base[b] = i
     bad = {_basename(f) for f in skipped} | set(skipped)
     out = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    for lineno, line in enumerate(read_text(path, "fix the list (one image file name per line)").splitlines(), 1):
         name = line.strip()
         if not name or name.startswith("#"):
             continue

@@ -36,7 +36,9 @@ import numpy as np
 import torch
 
 from ..distributed import barrier, rank_world
-from ..utils import UserError, atomic_path, log, read_json, write_json, write_text
+from ..utils import UserError, atomic_path, load_npy, load_npz, log, read_json, write_json, write_text
+
+PREPARE_AGAIN = "re-run python -m dpt_fast.data.prepare with the same --out to rebuild it"
 from .embedded import ArrayDataset
 
 Batches = Iterator[tuple[np.ndarray, torch.Tensor]]
@@ -130,11 +132,7 @@ class ShardSource:
         self.paths = [Path(p) for p in paths]
         labels = []
         for p in self.paths:
-            try:
-                with np.load(p, allow_pickle=False) as z:
-                    labels.append(np.asarray(z["labels"], dtype=np.int64))
-            except (OSError, ValueError, KeyError) as e:
-                raise UserError(f"{p}: cannot read ({type(e).__name__}); delete it and re-run the stage that wrote it") from None
+            labels.append(load_npz(p, ("labels",), spec={"labels": ("iu", 1)}, only=True)["labels"].astype(np.int64))
         self.labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
         self.offsets = np.cumsum([0] + [len(y) for y in labels])
         self.identity = identity
@@ -150,8 +148,7 @@ class ShardSource:
             j = i
             while j < len(positions) and shard[j] == shard[i]:
                 j += 1
-            with np.load(self.paths[shard[i]], allow_pickle=False) as z:
-                images = z["images"]
+            images = load_npz(self.paths[shard[i]], ("images",), spec={"images": ("u", 4)}, only=True)["images"]
             local = positions[i:j] - self.offsets[shard[i]]
             for k in range(0, len(local), batch_size):
                 yield positions[i + k:i + k + batch_size], torch.from_numpy(np.ascontiguousarray(images[local[k:k + batch_size]]))
@@ -220,7 +217,7 @@ def _open_prepared(data_cfg, device, progress: bool) -> RealData:
         raise UserError(f"{path} is missing (it lists the source images of the latents); re-run python -m "
                         f"dpt_fast.data.prepare --out {root} with the same --root to rewrite it")
     index = ImageIndex.from_dict(read_json(path)["index"])
-    labels = np.load(root / m["labels"], allow_pickle=False).astype(np.int64)
+    labels = load_npy(root / m["labels"], PREPARE_AGAIN).astype(np.int64)
     if len(index) != m["num_images"] or not np.array_equal(index.labels, labels):
         raise UserError(f"{root}: index.json, labels.npy and manifest.json disagree; re-run prepare with --fresh")
     if data_cfg.image_root:
@@ -257,7 +254,7 @@ def open_features(path: str | os.PathLike, stage: int = 1) -> np.ndarray:
     state = read_json(_state_path(path)) if _state_path(path).is_file() else {}
     if not state.get("complete") or not path.is_file():
         raise UserError(f"{path} is missing or unfinished: run `python -m dpt_fast.stage --stage {stage}` first")
-    return np.load(path, mmap_mode="r")
+    return load_npy(path, f"re-run `python -m dpt_fast.stage --stage {stage}` (it rebuilds it)", mmap_mode="r")
 
 
 def cached_features(
@@ -292,7 +289,7 @@ def cached_features(
     same = {k: state.get(k) for k in want} == want and path.is_file()
     if same and state.get("complete"):
         log.info("features: reusing %s (%d x %d)", path, n, dim)
-        return np.load(path, mmap_mode="r")
+        return load_npy(path, mmap_mode="r")
     if rank == 0 and not same:
         if state:
             log.info("features: %s was made for other images or another model; recomputing", path)
@@ -336,4 +333,4 @@ def cached_features(
         write_json(state_path, {**want, "complete": True})
         shutil.rmtree(done_dir, ignore_errors=True)
     barrier()
-    return np.load(path, mmap_mode="r")
+    return load_npy(path, mmap_mode="r")
