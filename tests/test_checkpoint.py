@@ -90,3 +90,37 @@ def test_weights_of_another_architecture_are_a_user_error(tmp_path):
     other = nn.Sequential(nn.Linear(4, 3))
     with pytest.raises(UserError, match="--fresh"):
         load_checkpoint(tmp_path, 1, other)
+
+
+def _overwrite_first_float(st_path, value: float) -> None:
+    """Overwrite the first 4 data bytes of a safetensors file in place (same size, valid header)."""
+    import struct
+
+    raw = bytearray(st_path.read_bytes())
+    start = 8 + int.from_bytes(raw[:8], "little")  # after the header
+    raw[start:start + 4] = struct.pack("<f", value)
+    st_path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("value", [float("nan"), 3.0])
+def test_overwritten_tensor_bytes_are_detected_and_training_falls_back_to_the_previous_checkpoint(tmp_path, value):
+    model, ema, opt = _setup()
+    for step in (10, 20):
+        _steps(model, opt, 1)
+        save_checkpoint(tmp_path, step, model, ema, opt, {})
+    _overwrite_first_float(checkpoint_paths(tmp_path, 20)[0], value)
+    with pytest.raises(UserError, match="sha256") as e:
+        load_checkpoint(tmp_path, 20, *_setup())
+    assert "\n" not in str(e.value)
+    assert latest_checkpoint(tmp_path) == 10  # the damaged newest one is skipped
+    load_checkpoint(tmp_path, 10, *_setup())
+
+
+def test_a_truncated_or_garbled_checkpoint_json_is_skipped(tmp_path):
+    model, ema, opt = _setup()
+    for step in (1, 2):
+        save_checkpoint(tmp_path, step, model, ema, opt, {})
+    checkpoint_paths(tmp_path, 2)[1].write_bytes(b"\xff\xfe garbage")
+    assert latest_checkpoint(tmp_path) == 1
+    checkpoint_paths(tmp_path, 1)[0].write_bytes(b"short")
+    assert latest_checkpoint(tmp_path) is None

@@ -2,7 +2,11 @@
 equals a single-process run up to float summation order; only rank 0 writes checkpoints."""
 import os
 import socket
+import subprocess
+import sys
+import time
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -61,3 +65,60 @@ def test_two_process_ddp_matches_one_process_and_rank0_writes_checkpoints(tmp_pa
     for k, v in ddp["ema"].items():
         torch.testing.assert_close(v, ema[k], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(torch.tensor(ddp["loss"]), torch.tensor(single.history["loss"]), rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# A failure on one rank ends every rank (dpt_fast.distributed.report_failure + the watcher), as the CLI does it
+# ----------------------------------------------------------------------------------------------
+_RANK_SCRIPT = r'''
+import sys, time, torch, torch.distributed as dist
+from dpt_fast.distributed import barrier, report_failure, run_on_rank0, setup_distributed
+from dpt_fast.utils import UserError
+
+case = sys.argv[1]
+rank, world, _ = setup_distributed(torch.device("cpu"))
+try:
+    assert run_on_rank0(lambda: {"from": rank}) == {"from": 0}  # every rank gets rank 0's result
+    if case == "rank1_fails_while_rank0_is_in_a_collective":
+        if rank == 1:
+            time.sleep(2)
+            raise UserError("rank one cannot read its shard")
+        dist.all_reduce(torch.ones(1))  # rank 0 blocks here: rank 1 never joins
+    elif case == "rank0_fails_in_rank0_only_work":
+        def fit():
+            time.sleep(1)
+            raise UserError("the logistic regression got one class")
+        run_on_rank0(fit)  # rank 1 waits for the result that never comes
+    barrier()
+    time.sleep(300)
+except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    report_failure(str(e))
+    sys.exit(2)
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case, origin", [("rank1_fails_while_rank0_is_in_a_collective", "rank one cannot read"),
+                                          ("rank0_fails_in_rank0_only_work", "the logistic regression got one class")])
+def test_an_error_on_one_rank_ends_every_rank_within_seconds(tmp_path, case, origin):
+    port, root = _free_port(), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    procs = [subprocess.Popen([sys.executable, "-c", _RANK_SCRIPT, case], stderr=subprocess.PIPE, text=True, cwd=root,
+                              env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1",
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+             for r in range(2)]
+    ended: dict[int, float] = {}
+    try:
+        deadline = time.time() + 120  # start-up (imports, rendezvous) included; without the fix: for ever
+        while len(ended) < 2 and time.time() < deadline:
+            ended.update({r: time.time() for r, p in enumerate(procs) if r not in ended and p.poll() is not None})
+            time.sleep(0.05)
+    finally:
+        for p in procs:
+            p.kill()
+    assert len(ended) == 2, "a rank was still running 120 s after the start"
+    assert max(ended.values()) - min(ended.values()) < 30  # the other rank ended within 30 s of the failed one
+    for p in procs:
+        err = p.stderr.read()
+        lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+        assert p.returncode == 2 and lines and origin in lines[-1], err[-2000:]

@@ -190,3 +190,27 @@ def test_bad_sampler_settings_are_one_line_user_errors(tmp_path):
         _gen(tmp_path, steps=2, order=3)
     with pytest.raises(UserError, match="method"):
         _gen(tmp_path, method="adaptive")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "same_arrays_other_bytes"])
+def test_a_damaged_shard_is_detected_and_only_it_is_generated_again(tmp_path, damage):
+    from dpt_fast.utils import save_npz
+
+    _gen(tmp_path / "g")
+    before, labels = load_generated(tmp_path / "g")
+    shard = tmp_path / "g" / "shard-00001.npz"
+    if damage == "truncate":
+        shard.write_bytes(shard.read_bytes()[:200])
+    else:  # a valid shard with the right items but other pixels
+        z = dict(np.load(shard))
+        save_npz(shard, images=255 - z["images"], labels=z["labels"], index=z["index"])
+    with pytest.raises(UserError, match="shard-00001.npz") as e:
+        load_generated(tmp_path / "g")
+    assert "\n" not in str(e.value) and "re-run stage 2" in str(e.value)
+    model = ToyUViT()
+    again = _gen(tmp_path / "g", model=model)
+    assert again["generated"] == 4 and again["skipped_shards"] == 3  # one shard of 4 images made again
+    after, _ = load_generated(tmp_path / "g")
+    np.testing.assert_array_equal(after, before)
+    manifest = json.loads((tmp_path / "g" / "manifest.json").read_text())
+    assert sorted(manifest["shard_sha256"]) == ["0", "1", "2", "3"]

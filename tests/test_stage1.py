@@ -198,3 +198,25 @@ def test_mnist5k_preset_is_the_tuned_cpu_recipe_and_the_dataclass_defaults_the_p
     kw = uvit_kwargs(cfg.model, 11)
     assert (kw["patch_size"], kw["embed_dim"], kw["depth"], kw["pos_embed_init"], kw["conv"]) == (7, 128, 6, "sincos", False)
     assert uvit_kwargs(load_config("mnist5k", ["model.pos_embed_init=trunc_normal"]).model, 11)["pos_embed_init"] == "trunc_normal"
+
+
+def test_a_diverging_simclr_stops_with_one_line_naming_the_key_and_saves_no_encoder(run_dir):
+    rd = RunDir(run_dir)
+    with pytest.raises(UserError, match="lower stage1.ssl_lr") as e:
+        stage1.run(load_config("digits", ["stage1.ssl_lr=1e6"]), rd, progress=False)
+    assert "\n" not in str(e.value) and "diverged at epoch" in str(e.value)
+    assert not (rd.stage(1) / "encoder.safetensors").exists() and not rd.pseudo_labels.exists()
+    for ckpt in rd.stage(1).glob("simclr_ckpt.safetensors"):  # the kept epochs are finite
+        assert all(torch.isfinite(v).all() for v in load_file(ckpt).values() if v.is_floating_point())
+
+
+def test_a_damaged_encoder_is_trained_again_to_the_same_weights(digits_run, tmp_path):
+    cfg, rd, m = digits_run
+    root = tmp_path / "run"
+    shutil.copytree(rd.root, root)
+    enc = root / "stage1" / "encoder.safetensors"
+    enc.write_bytes(enc.read_bytes()[:100])  # truncated
+    m2 = stage1.run(cfg, RunDir(root), progress=False)
+    assert m2["pseudo_label_accuracy"] == m["pseudo_label_accuracy"]
+    a, b = load_file(rd.stage(1) / "encoder.safetensors"), load_file(enc)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -102,3 +102,18 @@ def test_stage3_on_the_default_simclr_umap_space_embeds_generated_images_by_knn(
     m = stage3.run(cfg, rd, progress=False)
     assert m["generated_used"] == 300 and 0.0 <= m["top1"] <= 1.0
     assert m["top1"] > m["stage1_top1"]  # true images of every class can only sharpen the boundaries
+
+
+@pytest.mark.parametrize("labelled", [[0, 1, 2], [-1, 5, 9]])
+def test_a_split_json_with_other_indices_is_refused_not_used(pca_run, tmp_path, labelled):
+    import shutil
+
+    cfg, rd, _ = pca_run
+    root = tmp_path / "run"
+    shutil.copytree(rd.root, root)
+    x, y = _oracle_generation(cfg, 2)
+    write_fake_generation(RunDir(root).generated, x, y)
+    write_json(RunDir(root).split, {"labelled": labelled, "num_train": 1497})
+    with pytest.raises(UserError, match="split.json") as e:
+        stage3.run(cfg, RunDir(root), progress=False)
+    assert "--stage 1" in str(e.value)
