@@ -444,5 +444,22 @@ def validate(cfg: Config) -> None:
             raise UserError(f"config key '{key}' {what}")
 
 
+# The last line of a run directory's config.yaml: a file without it was cut short (see dpt_fast.stage.resolve).
+END_OF_CONFIG = "# end of config\n"
+
+
+def missing_keys(data: dict, obj: Any = None, prefix: str = "") -> list[str]:
+    """The config keys a nested dict (e.g. a parsed config.yaml) does not set, dotted: what `dump_yaml` always writes."""
+    obj = Config() if obj is None else obj
+    out = []
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if not isinstance(data, dict) or f.name not in data:
+            out.append(f"{prefix}{f.name}")
+        elif is_dataclass(value):
+            out += missing_keys(data[f.name], value, f"{prefix}{f.name}.")
+    return out
+
+
 def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -16,8 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from .config import PRESETS, Config, load_config
-from .utils import UserError, log, setup_logging, write_error
+from .config import END_OF_CONFIG, PRESETS, Config, load_config, missing_keys
+from .utils import UserError, log, read_text, read_yaml, setup_logging, write_error
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -39,17 +39,33 @@ def resolve(args: argparse.Namespace) -> tuple[Config, Path]:
     """The config and run directory for this invocation.
 
     Without --config, a run directory that already holds a config.yaml continues with that config (plus
-    the given overrides), so `--stage 2` after `--stage 1 seed=3` needs no repeated `seed=3`.
+    the given overrides), so `--stage 2` after `--stage 1 seed=3` needs no repeated `seed=3`. That file is
+    the full config the tool wrote: one that lacks keys (cut short) or is gone from a directory with stage
+    outputs is an error, never a silent fall-back to a preset's defaults.
     """
     if args.config is None and args.run_dir is not None and (Path(args.run_dir) / "config.yaml").is_file():
-        cfg = load_config(str(Path(args.run_dir) / "config.yaml"), args.overrides)
+        cfg = _run_config(Path(args.run_dir) / "config.yaml", args.overrides)
     else:
         cfg = load_config(args.config, args.overrides)
         saved = Path(args.run_dir or f"runs/{cfg.name}") / "config.yaml"
         if args.config is None and saved.is_file():
-            cfg = load_config(str(saved), args.overrides)
+            cfg = _run_config(saved, args.overrides)
+        elif args.config is None and any(saved.parent.glob("stage[123]/outputs.json")):
+            raise UserError(f"{saved} is missing but {saved.parent} holds stage outputs: pass --config PRESET|FILE "
+                            "(and the overrides) the run was made with, to write it again")
     run_dir = Path(args.run_dir or f"runs/{cfg.name}")
     return cfg, run_dir
+
+
+def _run_config(path: Path, overrides: list[str]) -> Config:
+    """A run directory's config.yaml (+ overrides), which the tool writes whole, ending with END_OF_CONFIG: a
+    file without that line and without some keys was cut short (edited values are fine)."""
+    fix = "pass --config PRESET|FILE (and the overrides) the run was made with, to write it again"
+    missing = missing_keys(read_yaml(path, fix) or {})
+    if missing and not read_text(path).endswith(END_OF_CONFIG):
+        raise UserError(f"{path} is incomplete (no {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}: "
+                        f"damaged or cut short); {fix}")
+    return load_config(str(path), overrides)
 
 
 def _interrupt(signum, frame) -> None:

@@ -284,3 +284,17 @@ def test_the_report_is_stale_when_its_sources_or_files_change(tmp_path):
     assert report_is_current(rd, {"stage1": "a"}) and not report_is_current(rd, {"stage1": "b"})
     rd.report_md.write_text(rd.report_md.read_text() + "edited\n")
     assert not report_is_current(rd, {"stage1": "a"})
+
+
+def test_a_cut_short_or_missing_run_config_is_an_error_not_a_fallback_to_defaults(tmp_path, capsys):
+    rd = RunDir(tmp_path / "run")
+    _save_config(load_config("digits", ["seed=5"]), rd)
+    text = rd.config.read_text()
+    rd.config.write_text(text[: len(text) // 2].rsplit("\n", 1)[0] + "\n")  # cut at a line end: valid YAML
+    assert main(["--stage", "3", "--run-dir", str(rd.root)]) == 2
+    assert "config.yaml is incomplete" in capsys.readouterr().err
+    rd.config.unlink()
+    _fake_stage(rd, 1)
+    assert main(["--stage", "3", "--run-dir", str(rd.root)]) == 2
+    err = capsys.readouterr().err
+    assert "config.yaml is missing" in err and "--config" in err

@@ -280,10 +280,16 @@ def train_diffusion(
 
     history = {"step": [], "loss": [], "lr": []}
     hist_path = log_dir / "train_history.json" if log_dir is not None else None
-    if start > 0 and hist_path is not None and hist_path.exists():
-        old = read_json(hist_path)
-        keep = [i for i, s in enumerate(old.get("step", [])) if s <= start]
+    if start > 0:
+        # The history travels with the checkpoint (checkpoints made before it did: train_history.json), so a
+        # lost or damaged train_history.json is written again from the checkpoint.
+        old = meta.get("history")
+        if not isinstance(old, dict) and hist_path is not None and hist_path.exists():
+            old = read_json(hist_path)
+        keep = [i for i, s in enumerate(old.get("step", [])) if s <= start] if isinstance(old, dict) else []
         history = {k: [old[k][i] for i in keep] for k in history}
+        if rank == 0 and hist_path is not None and not hist_path.exists():
+            write_json(hist_path, history)
 
     writer = None
     if rank == 0 and log_dir is not None and start < tcfg.steps:
@@ -305,7 +311,7 @@ def train_diffusion(
             window /= world
         if rank == 0:
             meta = {"fingerprint": fingerprint, "seed": seed, "world_size": world,
-                    "loss_window": [window.item(), loss_count],
+                    "loss_window": [window.item(), loss_count], "history": history,
                     "train_seconds": prior_seconds + time.perf_counter() - t0}
             save_checkpoint(ckpt_dir, step, model, ema, optimizer, meta, keep=tcfg.keep_checkpoints)
             if hist_path is not None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config, dump_yaml, load_config
+from ..config import END_OF_CONFIG, Config, dump_yaml, load_config
 from ..distributed import rank_world, report_failure, run_on_rank0, setup_distributed
 from ..utils import UserError, log, remove_stale_temp_files, resolve_device, write_json, write_text
 from .rundir import RunDir
@@ -106,7 +106,7 @@ def _save_config(cfg: Config, rd: RunDir) -> None:
                 return
         except UserError:
             pass  # unreadable or invalid: replaced below
-    write_text(rd.config, dump_yaml(cfg))
+    write_text(rd.config, dump_yaml(cfg) + END_OF_CONFIG)
 
 
 def _reusable(rd: RunDir, n: int, fp: str) -> dict | None:
