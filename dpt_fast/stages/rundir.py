@@ -39,8 +39,9 @@ LOCK = ".lock"
 TOP_LEVEL: dict[int, tuple[str, ...]] = {1: ("split.json",), 2: ("samples.png",), 3: ()}
 # Sub-folders of a stage directory that hold logs, not outputs (TensorBoard event files grow while training).
 LOGS = ("tb",)
-# Outputs whose bytes carry timings (so a re-run rewrites them differently): later stages do not key on them.
-VOLATILE = ("metrics.json", "step-*.json", "manifest.json")
+# Outputs that later stages do not read, or whose bytes carry timings (a re-run rewrites them differently):
+# a later stage does not key on them (the resumable checkpoints, the training log, metrics, the manifest).
+NOT_INPUTS = ("metrics.json", "step-*", "train_history.json", "manifest.json")
 
 
 @dataclass
@@ -142,11 +143,11 @@ class RunDir:
         return led if ok else None
 
     def _inputs(self, n: int) -> dict[str, str]:
-        """sha256 of the outputs of stages 1..n-1 (their ledgers) that do not carry timings."""
+        """sha256 of the outputs of stages 1..n-1 (from their ledgers) that later stages read (not NOT_INPUTS)."""
         out = {}
         for k in range(1, n):
             for rel, entry in ((self._read_ledger(k) or {}).get("files") or {}).items():
-                if not any(fnmatch.fnmatch(Path(rel).name, pat) for pat in VOLATILE):
+                if not any(fnmatch.fnmatch(Path(rel).name, pat) for pat in NOT_INPUTS):
                     out[rel] = entry.get("sha256") if isinstance(entry, dict) else None
         return out
 

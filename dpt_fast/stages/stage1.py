@@ -170,8 +170,9 @@ def train_simclr(images: np.ndarray, cfg: Config, out: Path, progress: bool = Tr
             step += 1
             loss_value = loss.item()  # the per-step sync SimCLR has always had (a tiny model: not a bottleneck)
             if not math.isfinite(loss_value):
+                kept = f"the checkpoint of epoch {epoch} is kept" if epoch else "no epoch had finished"
                 raise UserError(f"stage 1: SimCLR diverged at epoch {epoch + 1}, step {step} (loss {loss_value}); lower "
-                                f"stage1.ssl_lr (now {s1.ssl_lr:g}) and re-run (the checkpoint of epoch {epoch} is kept)")
+                                f"stage1.ssl_lr (now {s1.ssl_lr:g}) and re-run ({kept})")
             loss_sum += loss_value
         bar.set_postfix(loss=f"{loss_sum / steps_per_epoch:.3f}")
         _save_checkpoint(ckpt, model, opt, gen, epoch + 1, step, fp)
