@@ -10,6 +10,7 @@ manifest, or with --on-bad-image error stop the run with one line naming the fil
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from datetime import timedelta
 
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     setup_logging(args.quiet)
     distributed = launched_by_torchrun()
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # over `ulimit -f` a write fails (one-line error), no kill
     try:
         device = args.device
         if distributed:
