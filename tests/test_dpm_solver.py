@@ -19,12 +19,18 @@ def _schedules():
     }
 
 
+def _reference_time(ns, t_in):
+    """Continuous time from the DPM-Solver reference's time input (`model_wrapper`'s default)."""
+    t_in = t_in.to(torch.float64)
+    return t_in / 1000.0 + 1.0 / ns.total_N if ns.schedule == "discrete" else t_in
+
+
 def _eps_net(ns):
-    """A smooth, deterministic, nonlinear eps network on the model's time input (U-ViT convention)."""
-    scale = 999.0 if ns.schedule == "linear" else float(ns.total_N)
+    """A smooth, deterministic, nonlinear eps network on the reference's time input (as code written against
+    the reference would pass to `model_wrapper`)."""
 
     def net(x, t_in, y=None):
-        t = (t_in.to(torch.float64) / scale).view(-1, *[1] * (x.dim() - 1))
+        t = _reference_time(ns, t_in).view(-1, *[1] * (x.dim() - 1))
         a, s = ns.marginal_alpha(t), ns.marginal_std(t)
         shift = 0.0 if y is None else 0.1 * y.to(torch.float64).view_as(t)
         eps = s * (x.double() - a * (0.3 + shift)) / (a * a * 0.25 + s * s) + 0.05 * torch.tanh(x.double()) * t
@@ -193,7 +199,7 @@ def test_sampler_equals_the_published_algorithm_step_by_step(kind, alg, method, 
     net = _eps_net(ns)
     x = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     steps = 7 if method != "singlestep_fixed" else 9
-    ref = _Textbook(lambda v, t: net(v, model_time(ns, t)), ns, alg).sample(
+    ref = _Textbook(lambda v, t: net(v, dpm_solver_model_time(ns, t)), ns, alg).sample(
         x, steps, 1e-3, order, skip, method, lower_order_final=True, denoise_to_zero=False, solver_type="dpmsolver")
     for backend in BACKENDS:
         out = DPMSolver(model_wrapper(net, ns), ns, alg, backend=backend).sample(
@@ -208,7 +214,7 @@ def test_taylor_solver_type_denoise_to_zero_and_long_runs_match_the_published_al
     net = _eps_net(ns)
     x = torch.randn(2, 1, 3, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     for steps, lof, dtz, st in [(12, True, True, "taylor"), (20, False, False, "dpmsolver"), (6, True, False, "taylor")]:
-        ref = _Textbook(lambda v, t: net(v, model_time(ns, t)), ns, alg).sample(x, steps, 1e-3, order, "logSNR", method, lof, dtz, st)
+        ref = _Textbook(lambda v, t: net(v, dpm_solver_model_time(ns, t)), ns, alg).sample(x, steps, 1e-3, order, "logSNR", method, lof, dtz, st)
         solver = DPMSolver(model_wrapper(net, ns), ns, alg, backend=BACKENDS[-1])
         out = solver.sample(x, steps=steps, t_end=1e-3, order=order, skip_type="logSNR", method=method,
                             lower_order_final=lof, denoise_to_zero=dtz, solver_type=st)
@@ -228,8 +234,7 @@ def test_multistep_dpmsolver_pp_matches_diffusers(order):
     sched.set_timesteps(steps)
     ns = _schedules()["discrete"]
 
-    def net(x, t_in):  # diffusers calls it with the DDPM step index, as the reference model_wrapper does
-        return _eps_net(ns)(x, (t_in.to(torch.float64) + 1.0))
+    net = _eps_net(ns)  # diffusers calls it with the DDPM step index, as the reference model_wrapper does
 
     x0 = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     x = x0.clone()
@@ -239,7 +244,7 @@ def test_multistep_dpmsolver_pp_matches_diffusers(order):
     # The same time grid in continuous time: step index n <-> t = (n + 1) / N; diffusers ends at sigma_min (n = 0).
     grid = torch.cat([(sched.timesteps.double() + 1) / 1000, torch.tensor([1e-3], dtype=torch.float64)])
     for backend in BACKENDS:
-        solver = DPMSolver(model_wrapper(net, ns, model_time_fn=dpm_solver_model_time), ns, "dpmsolver++", backend=backend)
+        solver = DPMSolver(model_wrapper(net, ns), ns, "dpmsolver++", backend=backend)
         solver.get_time_steps = lambda *a, **k: grid
         ours = solver.sample(x0, steps=steps, order=order, method="multistep", lower_order_final=False)
         assert _rel(ours, x) < 2e-5, (backend, _rel(ours, x))
@@ -248,8 +253,8 @@ def test_multistep_dpmsolver_pp_matches_diffusers(order):
 def _gaussian_problem(ns, mu, s):
     """Data N(mu, s^2): the exact eps predictor and the exact probability-flow ODE map x_T -> x_t0."""
 
-    def net(x, t_in):
-        t = (t_in.to(torch.float64) / 999.0).view(-1, *[1] * (x.dim() - 1))
+    def net(x, t_in):  # linear schedule: the reference's time input is t itself
+        t = t_in.to(torch.float64).view(-1, *[1] * (x.dim() - 1))
         a, sg = ns.marginal_alpha(t), ns.marginal_std(t)
         return sg * (x - a * mu) / (a * a * s * s + sg * sg)
 
@@ -303,7 +308,7 @@ def test_classifier_free_guidance_is_one_forward_of_2b_rows_in_the_reference_con
                        guidance_scale=1.0 + s)
     guided = fn(x, t)
     assert calls == [8]
-    eps_c, eps_u = net(x, model_time(ns, t), y), net(x, model_time(ns, t), y_null)
+    eps_c, eps_u = net(x, dpm_solver_model_time(ns, t), y), net(x, dpm_solver_model_time(ns, t), y_null)
     torch.testing.assert_close(guided, eps_c + s * (eps_c - eps_u))
     # The fused sampler folds the same combination into the update: equal to sampling with the Python-side CFG.
     plain = lambda v, tt: fn(v, tt)  # noqa: E731  (an opaque callable: no fusion)
@@ -320,7 +325,7 @@ def test_x_start_v_and_score_models_give_the_noise_models_samples(model_type, al
     net = _eps_net(ns)
 
     def converted(x, t_in):
-        t = (t_in.to(torch.float64) / ns.total_N).view(-1, 1, 1, 1)
+        t = _reference_time(ns, t_in).view(-1, 1, 1, 1)
         a, s = ns.marginal_alpha(t), ns.marginal_std(t)
         eps = net(x, t_in)
         return {"x_start": (x - s * eps) / a, "v": (eps - s * x) / a, "score": -eps / s}[model_type]
@@ -359,3 +364,34 @@ def test_bad_sampler_arguments_are_value_errors(kwargs, match):
         DPMSolver(solver.model_fn, ns, algorithm_type="ddim")
     with pytest.raises(ValueError, match="model_type"):
         model_wrapper(_eps_net(ns), ns, model_type="eps")
+
+
+# ----------------------------------------------------------------------------------------------
+# The network's time input, and the official DPT samplers of the imagenet256_uvit_* presets.
+# ----------------------------------------------------------------------------------------------
+def _reference_get_model_input_time(noise_schedule, t_continuous):
+    """A faithful copy of `model_wrapper.get_model_input_time` of LuChengTHU/dpm-solver dpm_solver_pytorch.py."""
+    if noise_schedule.schedule == 'discrete':
+        return (t_continuous - 1. / noise_schedule.total_N) * 1000.
+    else:
+        return t_continuous
+
+
+@pytest.mark.parametrize("kind", ["linear", "discrete"])
+def test_model_wrapper_feeds_the_reference_time_input_by_default_and_uvit_time_when_asked(kind):
+    ns = _schedules()[kind]
+    seen = []
+
+    def net(x, t_in):
+        seen.append(t_in.clone())
+        return x
+
+    t = torch.tensor([1e-3, 0.25, 0.5, 1.0], dtype=torch.float64)
+    x = torch.zeros(4, 1)
+    model_wrapper(net, ns)(x, t)
+    torch.testing.assert_close(seen[-1], _reference_get_model_input_time(ns, t), rtol=0, atol=0)
+    model_wrapper(net, ns, model_time_fn=model_time)(x, t)  # U-ViT: sde.py `t * 999`, train_ldm_discrete `n`
+    torch.testing.assert_close(seen[-1], t * (999.0 if kind == "linear" else 1000.0), rtol=0, atol=0)
+    from dpt_fast.sampling import DPM_Solver
+
+    assert DPM_Solver is DPMSolver

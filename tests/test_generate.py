@@ -144,6 +144,25 @@ def test_guidance_uses_one_forward_of_2b_rows_and_no_guidance_uses_b(tmp_path):
     assert rows[0] == (6, 0)
 
 
+@pytest.mark.parametrize("kind,first_time_input", [("linear", 999.0), ("discrete", 1000.0)])
+def test_the_network_gets_uvits_time_input(tmp_path, kind, first_time_input):
+    """999 t (sde.py) / N t (train_ldm_discrete.py), not the DPM-Solver reference's t / (t - 1/N) 1000."""
+    from dpt_fast.diffusion.schedule import scaled_linear_betas
+
+    times = []
+
+    class Spy(ToyUViT):
+        def forward(self, x, timesteps, y):
+            times.append(timesteps.max().item())
+            return super().forward(x, timesteps, y)
+
+    ns = NoiseScheduleVP("linear") if kind == "linear" else NoiseScheduleVP("discrete", betas=scaled_linear_betas())
+    generate(Spy(), ns, [0], 1, (1, 4, 4), tmp_path, null_class=NULL, cfg_scale=0.4, steps=3, order=1,
+             method="multistep", algorithm="dpmsolver++", skip_type="time_uniform", batch_size=1, shard_size=1, seed=0,
+             device="cpu", progress=False)
+    assert times[0] == pytest.approx(first_time_input)  # sampling starts at t = 1
+
+
 def test_load_generated_without_a_generation_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="stage 2"):
         load_generated(tmp_path / "nothing")

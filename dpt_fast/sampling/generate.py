@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..diffusion.schedule import NoiseScheduleVP
+from ..diffusion.schedule import NoiseScheduleVP, model_time
 from ..distributed import barrier, rank_world
 from ..ops.dpm_solver_update import resolve_backend
 from ..utils import UserError, load_npz, log, read_json, save_npz, write_json
@@ -228,7 +228,8 @@ def generate(
             y = torch.full((b,), int(null_class), dtype=torch.int64, device=device)
             y_null = torch.full((b,), int(null_class), dtype=torch.int64, device=device)
             fn = model_wrapper(net, schedule, "noise", guidance_type="classifier-free", condition=y,
-                               unconditional_condition=y_null, guidance_scale=1.0 + float(cfg_scale))
+                               unconditional_condition=y_null, guidance_scale=1.0 + float(cfg_scale),
+                               model_time_fn=model_time)  # the U-ViT's time input (999 t / N t)
             samplers[b] = (y, DPMSolver(fn, schedule, algorithm, backend=backend, cuda_graph=use_graph))
         return samplers[b]
 
