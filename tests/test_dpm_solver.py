@@ -395,3 +395,130 @@ def test_model_wrapper_feeds_the_reference_time_input_by_default_and_uvit_time_w
     from dpt_fast.sampling import DPM_Solver
 
     assert DPM_Solver is DPMSolver
+
+
+def _dpt_v1_fast(model_fn, ns, x, steps, eps):
+    """A faithful copy (float64) of DPT's `dpm_solver_pytorch.DPM_Solver.sample(x, steps, eps, adaptive_step_size=
+    False, fast_version=True)` (sample_ldm_all.py, U-ViT-L/2): DPM-Solver-fast with noise prediction, K = steps // 3
+    + 1 steps uniform in logSNR, r1 = 1/3, r2 = 2/3 (order 3), r1 = 1/2 (order 2)."""
+    K = steps // 3 + 1
+    if steps % 3 == 0:
+        orders = [3, ] * (K - 2) + [2, 1]
+    elif steps % 3 == 1:
+        orders = [3, ] * (K - 1) + [1]
+    else:
+        orders = [3, ] * (K - 1) + [2]
+    lam_T, lam_0 = ns.marginal_lambda(torch.tensor(1.0, dtype=torch.float64)), ns.marginal_lambda(torch.tensor(eps, dtype=torch.float64))
+    timesteps = ns.inverse_lambda(torch.linspace(float(lam_T), float(lam_0), K + 1, dtype=torch.float64))
+    la, sg, lam, inv = ns.marginal_log_mean_coeff, ns.marginal_std, ns.marginal_lambda, ns.inverse_lambda
+    for i, order in enumerate(orders):
+        s, t = timesteps[i].expand(x.shape[0]), timesteps[i + 1].expand(x.shape[0])
+        dims = (...,) + (None,) * (x.dim() - 1)
+        h = lam(t) - lam(s)
+        noise_s = model_fn(x, s)
+        if order == 1:
+            x = torch.exp(la(t) - la(s))[dims] * x - (sg(t) * torch.expm1(h))[dims] * noise_s
+        elif order == 2:
+            r1 = 0.5
+            s1 = inv(lam(s) + r1 * h)
+            x_s1 = torch.exp(la(s1) - la(s))[dims] * x - (sg(s1) * torch.expm1(r1 * h))[dims] * noise_s
+            noise_s1 = model_fn(x_s1, s1)
+            x = (torch.exp(la(t) - la(s))[dims] * x - (sg(t) * torch.expm1(h))[dims] * noise_s
+                 - (0.5 / r1) * (sg(t) * torch.expm1(h))[dims] * (noise_s1 - noise_s))
+        else:
+            r1, r2 = 1. / 3., 2. / 3.
+            s1, s2 = inv(lam(s) + r1 * h), inv(lam(s) + r2 * h)
+            phi_22 = torch.expm1(r2 * h) / (r2 * h) - 1.
+            phi_2 = torch.expm1(h) / h - 1.
+            x_s1 = torch.exp(la(s1) - la(s))[dims] * x - (sg(s1) * torch.expm1(r1 * h))[dims] * noise_s
+            noise_s1 = model_fn(x_s1, s1)
+            x_s2 = (torch.exp(la(s2) - la(s))[dims] * x - (sg(s2) * torch.expm1(r2 * h))[dims] * noise_s
+                    - r2 / r1 * (sg(s2) * phi_22)[dims] * (noise_s1 - noise_s))
+            noise_s2 = model_fn(x_s2, s2)
+            x = (torch.exp(la(t) - la(s))[dims] * x - (sg(t) * torch.expm1(h))[dims] * noise_s
+                 - (1. / r2) * (sg(t) * phi_2)[dims] * (noise_s2 - noise_s))
+    return x
+
+
+def _dpt_pp_fast(model_fn, ns, x, steps, eps):
+    """A faithful copy (float64) of DPT's `dpm_solver_pp.DPM_Solver(model_fn, ns, predict_x0=True).sample(x, steps,
+    eps, T=1.)` (sample_ldm_discrete_all.py, U-ViT-H/2; defaults order=3, skip_type='time_uniform', method='fast',
+    solver_type='dpm_solver'): the orders of DPM-Solver-fast over a grid of `steps` + 1 uniform times, each step
+    spanning `order` grid intervals whose inner grid points give r1, r2."""
+    K = steps // 3 + 1
+    if steps % 3 == 0:
+        orders = [3, ] * (K - 2) + [2, 1]
+    elif steps % 3 == 1:
+        orders = [3, ] * (K - 1) + [1]
+    else:
+        orders = [3, ] * (K - 1) + [2]
+    timesteps = torch.linspace(1.0, eps, steps + 1, dtype=torch.float64)
+    la, sg, lam, inv = ns.marginal_log_mean_coeff, ns.marginal_std, ns.marginal_lambda, ns.inverse_lambda
+    al = ns.marginal_alpha
+
+    def x0_fn(v, t):  # DPM_Solver.model_fn with predict_x0
+        return (v - sg(t)[dims] * model_fn(v, t)) / al(t)[dims]
+
+    i = 0
+    for order in orders:
+        s, t = timesteps[i].expand(x.shape[0]), timesteps[i + order].expand(x.shape[0])
+        dims = (...,) + (None,) * (x.dim() - 1)
+        h = lam(timesteps[i + order]) - lam(timesteps[i])
+        m_s = x0_fn(x, s)
+        phi_1 = torch.expm1(-h)
+        if order == 1:
+            x = (sg(t) / sg(s))[dims] * x + (al(t) * (torch.exp(-h) - 1.) / (-1.))[dims] * m_s
+        elif order == 2:
+            r1 = (lam(timesteps[i + 1]) - lam(timesteps[i])) / h
+            s1 = inv(lam(s) + r1 * h)
+            x_s1 = (sg(s1) / sg(s))[dims] * x - (al(s1) * torch.expm1(-r1 * h))[dims] * m_s
+            m_s1 = x0_fn(x_s1, s1)
+            x = ((sg(t) / sg(s))[dims] * x - (al(t) * phi_1)[dims] * m_s
+                 - (0.5 / r1) * (al(t) * phi_1)[dims] * (m_s1 - m_s))
+        else:
+            r1 = (lam(timesteps[i + 1]) - lam(timesteps[i])) / h
+            r2 = (lam(timesteps[i + 2]) - lam(timesteps[i])) / h
+            s1, s2 = inv(lam(s) + r1 * h), inv(lam(s) + r2 * h)
+            phi_22 = torch.expm1(-r2 * h) / (r2 * h) + 1.
+            phi_2 = phi_1 / h + 1.
+            x_s1 = (sg(s1) / sg(s))[dims] * x - (al(s1) * torch.expm1(-r1 * h))[dims] * m_s
+            m_s1 = x0_fn(x_s1, s1)
+            x_s2 = ((sg(s2) / sg(s))[dims] * x - (al(s2) * torch.expm1(-r2 * h))[dims] * m_s
+                    + r2 / r1 * (al(s2) * phi_22)[dims] * (m_s1 - m_s))
+            m_s2 = x0_fn(x_s2, s2)
+            x = ((sg(t) / sg(s))[dims] * x - (al(t) * phi_1)[dims] * m_s
+                 + (1. / r2) * (al(t) * phi_2)[dims] * (m_s2 - m_s))
+        i += order
+    return x
+
+
+@pytest.mark.parametrize("preset,official", [("imagenet256_uvit_l", _dpt_v1_fast), ("imagenet256_uvit_h", _dpt_pp_fast)])
+def test_the_presets_sampler_is_the_official_dpt_sampler(preset, official):
+    from dpt_fast.config import load_config
+    from dpt_fast.diffusion import make_schedule
+
+    cfg = load_config(preset)
+    ns = make_schedule(cfg.diffusion)
+    net = _eps_net(ns)
+    uvit_scale = 999.0 if ns.schedule == "linear" else float(ns.total_N)  # sde.py `t * 999`; `t_continuous * N`
+
+    def uvit(x, t_in, y):  # a network on U-ViT's time input
+        return net(x, dpm_solver_model_time(ns, t_in.to(torch.float64) / uvit_scale), y)
+
+    y, y_null = torch.tensor([0, 1, 2]), torch.full((3,), 10)
+    s = cfg.sample
+
+    def cfg_nnet(x, t_continuous):  # the official scripts' classifier-free guidance and time input
+        t_in = t_continuous * uvit_scale
+        cond, uncond = uvit(x, t_in, y), uvit(x, t_in, y_null)
+        return cond + s.cfg_scale * (cond - uncond)
+
+    x = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    ref = official(cfg_nnet, ns, x, steps=50, eps=1e-4 if preset.endswith("_l") else 1.0 / 1000)
+    fn = model_wrapper(uvit, ns, guidance_type="classifier-free", condition=y, unconditional_condition=y_null,
+                       guidance_scale=1.0 + s.cfg_scale, model_time_fn=model_time)
+    for backend in BACKENDS:
+        solver = DPMSolver(fn, ns, s.algorithm, backend=backend)
+        out = solver.sample(x, steps=s.steps, t_end=s.t_end, order=s.order, skip_type=s.skip_type, method=s.method)
+        assert solver.last_nfe == 50
+        assert _rel(out, ref) < 1e-9, (backend, _rel(out, ref))

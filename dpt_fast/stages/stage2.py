@@ -160,7 +160,8 @@ def run(cfg: Config, rd: RunDir, progress: bool = True) -> dict:
                    null_class=num_classes, cfg_scale=s.cfg_scale, steps=s.steps, order=s.order, method=s.method,
                    algorithm=s.algorithm, skip_type=s.skip_type, batch_size=cfg.gen.batch_size,
                    shard_size=cfg.gen.shard_size, seed=cfg.seed, device=device, backend=s.backend,
-                   cuda_graph=s.cuda_graph, decode=data.decode, progress=progress, model_id=f"{fp}@{res.step}")
+                   cuda_graph=s.cuda_graph, decode=data.decode, progress=progress, model_id=f"{fp}@{res.step}",
+                   t_end=s.t_end or None)
 
     metrics = None
     if rank == 0:
