@@ -260,7 +260,7 @@ def sample_run(cfg: Config, rd: RunDir, num: int, labels: str, out_dir: str | Pa
     if num < 1:
         raise UserError(f"--num {num}: ask for at least one sample")
     seed = cfg.seed if seed is None else int(seed)
-    rank, world, device = setup_distributed(resolve_device(cfg.device))
+    _, _, device = setup_distributed(resolve_device(cfg.device))
     if cfg.train.steps not in list_checkpoints(rd.checkpoints):
         raise UserError(f"{rd.checkpoints} holds no checkpoint of step train.steps={cfg.train.steps}: run "
                         f"`python -m dpt_fast.stage --stage 2 --run-dir {rd.root}` to finish stage 2 first")
