@@ -80,9 +80,10 @@ AFFECTS: dict[str, set[str]] = {
     "train.ckpt_every": S2,
     "train.keep_checkpoints": S2,
     "train.log_every": S2,
-    **{f"train.{k}": S2 | WEIGHTS for k in ("batch_size", "lr", "weight_decay", "betas", "warmup_steps", "ema_decay",
-                                             "p_uncond", "grad_clip", "precision")},
-    **{f"sample.{k}": S2 | GEN for k in ("steps", "order", "method", "algorithm", "skip_type", "cfg_scale")},
+    **{f"train.{k}": S2 | WEIGHTS for k in ("batch_size", "lr", "weight_decay", "weight_decay_on", "betas",
+                                             "warmup_steps", "warmup_from_zero", "ema_decay", "ema_warmup",
+                                             "p_uncond", "grad_clip", "t_min", "precision")},
+    **{f"sample.{k}": S2 | GEN for k in ("steps", "order", "method", "algorithm", "skip_type", "cfg_scale", "t_end")},
     "sample.backend": S2,  # the C++ and Python updates are the same formula (tests/test_dpm_solver.py parity)
     "sample.cuda_graph": S2,
     "gen.k_per_class": S2,  # image j does not depend on K: a larger K keeps the finished shards

@@ -175,7 +175,8 @@ def load_checkpoint(
 
 
 def load_ema_weights(ckpt_dir: str | Path, step: int) -> dict[str, torch.Tensor]:
-    """Only the EMA weights of a checkpoint (for sampling), as a state dict."""
+    """Only the EMA weights of a checkpoint (for sampling), as a state dict; the model and optimizer tensors
+    beside them are not read."""
     st_path = checkpoint_paths(ckpt_dir, step)[0]
     problem = checkpoint_problem(ckpt_dir, step)
     if problem is not None:
