@@ -40,6 +40,7 @@ import time
 from dataclasses import asdict, dataclass
 from fnmatch import fnmatch
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -105,7 +106,6 @@ def _files(root: Path) -> dict[str, Path]:
         rel = p.relative_to(root).as_posix()
         if p.is_file() and rel not in NOT_COMPARED and not rel.startswith(LOGS):
             out[rel] = p
-    return out
 
 
 def _strip(obj):
@@ -193,37 +193,32 @@ def verdict(run_dir: Path, ref: Path, allow_missing: tuple[str, ...] = ()) -> li
 # Kills
 # ----------------------------------------------------------------------------------------------
 def _where(run_dir: Path) -> str:
-    """Roughly where a killed run was: the first stage without a ledger."""
-    for n in (1, 2, 3):
-        if not (run_dir / f"stage{n}" / "outputs.json").exists():
-            return f"stage {n}" if (run_dir / f"stage{n}").exists() or n == 1 and (run_dir / "config.yaml").exists() \
-                else ("start-up" if n == 1 else f"stage {n - 1}/{n}")
-    return "report"
+    """Roughly where a killed run was: before its config was saved, in the first stage without a ledger, or after."""
+    if not (run_dir / "config.yaml").exists():
+        return "start-up"
+    return next((f"stage {n}" for n in (1, 2, 3) if not (run_dir / f"stage{n}" / "outputs.json").exists()), "report")
 
 
-def kills(ref: Path, ref_seconds: float, n: int, rng: random.Random, work: Path, concurrent: bool) -> list[Case]:
-    out = []
+def kills(ref: Path, ref_seconds: float, n: int, rng: random.Random, work: Path, concurrent: bool) -> Iterator[Case]:
     for i in range(n):
         d = work / f"kill{i:02d}"
         at = rng.uniform(0.0, ref_seconds)
         proc = subprocess.Popen(stage_cmd(d, *CONFIG), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         if concurrent and i == 0:
-            out += [_second_process(d, proc)]
+            yield _second_process(d, proc)
         t0 = time.time()
         while time.time() - t0 < at and proc.poll() is None:
             time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         where = _where(d)
-        r = run(stage_cmd(d))
-        problems = ([] if r.returncode == 0 and "Traceback" not in r.stderr else [f"exit {r.returncode}: "
-                                                                                    f"{r.stderr[-300:]}"])
+        r = run(stage_cmd(d, *CONFIG))  # the same command again
+        problems = [] if r.returncode == 0 and "Traceback" not in r.stderr else [f"exit {r.returncode}: {r.stderr[-300:]}"]
         problems += verdict(d, ref)
-        out.append(Case("kill -9 at a random point, then the same command", f"t={at:.1f}s ({where})",
-                        not problems, "; ".join(problems[:3])))
+        yield Case("kill -9 at a random point, then the same command", f"t={at:.1f}s ({where})", not problems,
+                   "; ".join(problems[:3]))
         shutil.rmtree(d, ignore_errors=True)
-    return out
 
 
 def _second_process(run_dir: Path, first: subprocess.Popen) -> Case:
@@ -326,8 +321,7 @@ def _follow(argv: list[str], line: str, run_dir: Path) -> list[list[str]]:
     return cmds + [argv]
 
 
-def corruption(ref: Path, work: Path, which: list[tuple[str, str, object]]) -> list[Case]:
-    out = []
+def corruption(ref: Path, work: Path, which: list[tuple[str, str, object]]) -> Iterator[Case]:
     for i, (rel, how, damage) in enumerate(which):
         d = work / f"corrupt{i:02d}"
         shutil.copytree(ref, d)
@@ -338,17 +332,17 @@ def corruption(ref: Path, work: Path, which: list[tuple[str, str, object]]) -> l
         if rc == 2:
             line = error_line(rc, err)
             if line is None:
-                out.append(Case("corrupted or missing artifact", f"{rel}: {how}", False, f"not one line: {err[-300:]}"))
+                yield Case("corrupted or missing artifact", f"{rel}: {how}", False, f"not one line: {err[-300:]}")
+                shutil.rmtree(d, ignore_errors=True)
                 continue
             steps.append(line[:160])
             for cmd in _follow(argv, line, d):
                 rc, err = run_in_process(cmd)
                 steps.append(f"followed: {' '.join(cmd[:2])} ... -> exit {rc}")
         problems = ([] if rc == 0 else [f"exit {rc}: {err[-300:]}"]) + verdict(d, ref, MAY_GO.get(rel, ()))
-        out.append(Case("corrupted or missing artifact", f"{rel}: {how}", not problems,
-                        "; ".join(problems[:3]) or " | ".join(steps)))
+        yield Case("corrupted or missing artifact", f"{rel}: {how}", not problems,
+                   "; ".join(problems[:3]) or " | ".join(steps))
         shutil.rmtree(d, ignore_errors=True)
-    return out
 
 
 def corruption_cases(short: bool) -> list[tuple[str, str, object]]:
@@ -403,13 +397,12 @@ BAD_INPUTS = [
 ]
 
 
-def bad_inputs(ref: Path, work: Path, short: bool) -> list[Case]:
+def bad_inputs(ref: Path, work: Path, short: bool) -> Iterator[Case]:
     import torch
 
     items = BAD_INPUTS[:: max(1, len(BAD_INPUTS) // 8)] if short else list(BAD_INPUTS)
     if not torch.cuda.is_available():
         items.append(["device=cuda"])
-    out = []
     for i, item in enumerate(items):
         d = work / f"bad{i:02d}"
         shutil.copytree(ref, d)
@@ -421,9 +414,8 @@ def bad_inputs(ref: Path, work: Path, short: bool) -> list[Case]:
         untouched = [u for u in differences(d, ref) if u != "differs config.yaml"]
         name = item.__doc__ if callable(item) else " ".join(extra)
         ok = line is not None and not untouched and not temp_files(d) and not nonfinite_tensors(d)
-        out.append(Case("bad config or data input", name[:80], ok, line[:160] if ok else f"{err[-300:]} {untouched[:3]}"))
+        yield Case("bad config or data input", name[:80], ok, line[:160] if ok else f"{err[-300:]} {untouched[:3]}")
         shutil.rmtree(d, ignore_errors=True)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -434,10 +426,9 @@ def _can_unshare() -> bool:
     return r.returncode == 0
 
 
-def disk_full(ref: Path, work: Path, sizes: list[str]) -> list[Case]:
+def disk_full(ref: Path, work: Path, sizes: list[str]) -> Iterator[Case]:
     """A run on a tmpfs of `size`: it must stop in one line; after `mount -o remount,size=...` (space freed) the
     same command finishes the run, equal to the reference."""
-    out = []
     for size in sizes:
         d = work / f"full_{size}"
         mnt = d / "mnt"
@@ -456,16 +447,14 @@ def disk_full(ref: Path, work: Path, sizes: list[str]) -> list[Case]:
         rc2 = (d / "rc2").read_text().strip() if (d / "rc2").exists() else "?"
         problems += [] if rc2 == "0" else [f"after freeing space: exit {rc2}"]
         problems += verdict(d / "run", ref) if (d / "run").exists() else ["no run copied out"]
-        out.append(Case("disk full (ENOSPC)", f"tmpfs of {size}", not problems,
-                        "; ".join(problems[:3]) or (line or "")[:160]))
+        yield Case("disk full (ENOSPC)", f"tmpfs of {size}", not problems,
+                   "; ".join(problems[:3]) or (line or "")[:160])
         shutil.rmtree(d, ignore_errors=True)
-    return out
 
 
-def file_size_limit(ref: Path, work: Path, limits: list[int]) -> list[Case]:
+def file_size_limit(ref: Path, work: Path, limits: list[int]) -> Iterator[Case]:
     import resource
 
-    out = []
     for limit in limits:
         d = work / f"fsize_{limit}"
 
@@ -478,10 +467,9 @@ def file_size_limit(ref: Path, work: Path, limits: list[int]) -> list[Case]:
         problems += [f"temporary file {t}" for t in temp_files(d)]
         r2 = run(stage_cmd(d))  # the limit raised: the same command again
         problems += ([] if r2.returncode == 0 else [f"after raising the limit: exit {r2.returncode}"]) + verdict(d, ref)
-        out.append(Case("file-size limit (EFBIG)", f"ulimit -f of {limit} bytes", not problems,
-                        "; ".join(problems[:3]) or (line or "")[:160]))
+        yield Case("file-size limit (EFBIG)", f"ulimit -f of {limit} bytes", not problems,
+                   "; ".join(problems[:3]) or (line or "")[:160])
         shutil.rmtree(d, ignore_errors=True)
-    return out
 
 
 def read_only(ref: Path, work: Path) -> Case:
@@ -507,8 +495,7 @@ def read_only(ref: Path, work: Path) -> Case:
 # ----------------------------------------------------------------------------------------------
 # Divergence, stale caches, rank failures
 # ----------------------------------------------------------------------------------------------
-def divergence(ref: Path, work: Path, short: bool) -> list[Case]:
-    out = []
+def divergence(ref: Path, work: Path, short: bool) -> Iterator[Case]:
     for key in ["stage1.ssl_lr=1e6"] + ([] if short else ["train.lr=1e6"]):
         d = work / f"nan_{key}"
         rc, err = run_in_process(["--stage", "all", "--quiet", "--run-dir", str(d), *CONFIG, key, "train.log_every=30"])
@@ -518,14 +505,12 @@ def divergence(ref: Path, work: Path, short: bool) -> list[Case]:
         if not short:
             rc2, err2 = run_in_process(["--stage", "all", "--quiet", "--run-dir", str(d), *CONFIG])
             problems += ([] if rc2 == 0 else [f"with the default value: exit {rc2}"]) + verdict(d, ref)
-        out.append(Case("diverging loss (NaN)", key, not problems, "; ".join(problems[:3]) or line[:160]))
+        yield Case("diverging loss (NaN)", key, not problems, "; ".join(problems[:3]) or line[:160])
         shutil.rmtree(d, ignore_errors=True)
-    return out
 
 
-def stale_caches(ref: Path, work: Path, short: bool) -> list[Case]:
+def stale_caches(ref: Path, work: Path, short: bool) -> Iterator[Case]:
     """A changed key on a finished run gives what a fresh run with that key gives."""
-    out = []
     for key, stage in [("stage1.ssl_noise=0.3", "1")] + ([] if short else [("sample.cfg_scale=1.0", "all"),
                                                                             ("stage1.umap_min_dist=0.3", "1")]):
         a, b = work / "stale_reused", work / "stale_fresh"
@@ -535,8 +520,8 @@ def stale_caches(ref: Path, work: Path, short: bool) -> list[Case]:
         same = ["stage1/pseudo_labels.npz"] + (["stage2/generated/shard-00000.npz"] if stage == "all" else [])
         problems = [f"exit {rc_a}/{rc_b}"] if (rc_a, rc_b) != (0, 0) else []
         problems += [f"{f} differs from a fresh run's" for f in same if (a / f).read_bytes() != (b / f).read_bytes()]
-        out.append(Case("stale cache", f"{key} on a finished run", not problems, "; ".join(problems[:3]) or
-                        "equal to a fresh run with the new value"))
+        yield Case("stale cache", f"{key} on a finished run", not problems, "; ".join(problems[:3]) or
+                   "equal to a fresh run with the new value")
         shutil.rmtree(a, ignore_errors=True)
         shutil.rmtree(b, ignore_errors=True)
     # Runtime keys (device, num_threads) on a finished run: nothing is redone, config.yaml is not rewritten.
@@ -545,10 +530,9 @@ def stale_caches(ref: Path, work: Path, short: bool) -> list[Case]:
     stamps = {p: p.stat().st_mtime_ns for p in d.rglob("*") if p.is_file() and p.name != ".lock"}
     rc, err = run_in_process(["--stage", "all", "--quiet", "--run-dir", str(d), "device=cpu", "num_threads=2"])
     changed = [p.relative_to(d).as_posix() for p, t in stamps.items() if p.stat().st_mtime_ns != t]
-    out.append(Case("stale cache", "device=cpu num_threads=2 on a finished run", rc == 0 and not changed,
-                    f"exit {rc}, rewritten: {changed[:3]}" if rc or changed else "nothing redone or rewritten"))
+    yield Case("stale cache", "device=cpu num_threads=2 on a finished run", rc == 0 and not changed,
+                    f"exit {rc}, rewritten: {changed[:3]}" if rc or changed else "nothing redone or rewritten")
     shutil.rmtree(d, ignore_errors=True)
-    return out
 
 
 _RANK_WRAPPER = r'''
@@ -576,10 +560,9 @@ sys.exit(main(sys.argv[2:]))
 '''
 
 
-def rank_failures(ref: Path, work: Path, short: bool) -> list[Case]:
+def rank_failures(ref: Path, work: Path, short: bool) -> Iterator[Case]:
     import socket
 
-    out = []
     injects = ["shard_write_fails_on_rank1"] + ([] if short else ["evaluation_fails_on_rank0",
                                                                    "pseudo_labels_unreadable_on_rank1"])
     for inject in injects:
@@ -607,10 +590,9 @@ def rank_failures(ref: Path, work: Path, short: bool) -> list[Case]:
         problems = [] if gap < 30 else [f"ranks ended {gap:.0f} s apart"]
         problems += [f"rank {r}: exit {procs[r].returncode}: {errs[r][-200:]}" for r in range(2) if lines[r] is None]
         problems += [f"temporary file {t}" for t in temp_files(d)]
-        out.append(Case("one rank fails (2 gloo processes)", inject.replace("_", " "), not problems,
-                        "; ".join(problems[:3]) or f"both ranks exit 2 in one line, {gap:.1f} s apart"))
+        yield Case("one rank fails (2 gloo processes)", inject.replace("_", " "), not problems,
+                        "; ".join(problems[:3]) or f"both ranks exit 2 in one line, {gap:.1f} s apart")
         shutil.rmtree(d, ignore_errors=True)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -643,10 +625,9 @@ def suite(work: Path, short: bool, kills_n: int, seed: int, log=print) -> list[C
     log(f"reference run: {ref_seconds:.1f} s")
     cases: list[Case] = []
 
-    def add(new):
-        new = new if isinstance(new, list) else [new]
-        cases.extend(new)
-        for c in new:
+    def add(new):  # one case or a generator of cases, logged as each one ends
+        for c in [new] if isinstance(new, Case) else new:
+            cases.append(c)
             log(f"  {'ok ' if c.handled else 'BAD'} {c.fault}: {c.case}" + ("" if c.handled else f" -- {c.detail}"))
 
     add(kills(ref, ref_seconds, kills_n, rng, work, concurrent=True))

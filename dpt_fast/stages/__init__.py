@@ -10,7 +10,7 @@ import torch
 
 from ..config import END_OF_CONFIG, Config, dump_yaml, load_config
 from ..distributed import rank_world, report_failure, run_on_rank0, setup_distributed
-from ..utils import UserError, log, remove_stale_temp_files, resolve_device, write_json, write_text
+from ..utils import UserError, log, read_json, remove_stale_temp_files, resolve_device, write_json, write_text
 from .rundir import RunDir
 
 # The config sections each stage's outputs depend on (cumulative: a stage depends on those before it). The
@@ -132,11 +132,9 @@ def _finish(cfg: Config, rd: RunDir, n: int, metrics: dict) -> None:
 
 def _finished_metrics(cfg: Config, rd: RunDir) -> dict[int, dict]:
     """Metrics of the stages whose ledger names this config (what the report shows)."""
-    from ..utils import read_json
-
     out = {}
     for n in (1, 2, 3):
-        led = rd._read_ledger(n)
+        led = rd.read_ledger(n)
         if led is not None and led.get("fingerprint") == fingerprint(cfg, n):
             try:
                 m = read_json(rd.metrics(n))

@@ -134,7 +134,8 @@ class RunDir:
     def _rel(self, p: Path) -> str:
         return p.relative_to(self.root).as_posix()
 
-    def _read_ledger(self, n: int) -> Optional[dict]:
+    def read_ledger(self, n: int) -> Optional[dict]:
+        """Stage n's ledger as a dict, or None when there is none or it is unreadable."""
         try:
             led = read_json(self.ledger(n))
         except UserError:
@@ -146,7 +147,7 @@ class RunDir:
         """sha256 of the outputs of stages 1..n-1 (from their ledgers) that later stages read (not NOT_INPUTS)."""
         out = {}
         for k in range(1, n):
-            for rel, entry in ((self._read_ledger(k) or {}).get("files") or {}).items():
+            for rel, entry in ((self.read_ledger(k) or {}).get("files") or {}).items():
                 if not any(fnmatch.fnmatch(Path(rel).name, pat) for pat in NOT_INPUTS):
                     out[rel] = entry.get("sha256") if isinstance(entry, dict) else None
         return out
@@ -164,7 +165,7 @@ class RunDir:
         """Whether stage n finished with this config and its outputs are intact (every byte is hashed)."""
         if not self.ledger(n).is_file():
             return StageState(problem="has not finished")
-        led = self._read_ledger(n)
+        led = self.read_ledger(n)
         if led is None:
             return StageState(problem=f"has a damaged ledger {self.ledger(n)}", damaged=[self.ledger(n)])
         if led.get("fingerprint") != fingerprint:
