@@ -106,6 +106,7 @@ def _files(root: Path) -> dict[str, Path]:
         rel = p.relative_to(root).as_posix()
         if p.is_file() and rel not in NOT_COMPARED and not rel.startswith(LOGS):
             out[rel] = p
+    return out
 
 
 def _strip(obj):
@@ -591,7 +592,7 @@ def rank_failures(ref: Path, work: Path, short: bool) -> Iterator[Case]:
         problems += [f"rank {r}: exit {procs[r].returncode}: {errs[r][-200:]}" for r in range(2) if lines[r] is None]
         problems += [f"temporary file {t}" for t in temp_files(d)]
         yield Case("one rank fails (2 gloo processes)", inject.replace("_", " "), not problems,
-                        "; ".join(problems[:3]) or f"both ranks exit 2 in one line, {gap:.1f} s apart")
+                   "; ".join(problems[:3]) or f"both ranks exit 2 in one line, {gap:.1f} s apart")
         shutil.rmtree(d, ignore_errors=True)
 
 
