@@ -2,6 +2,7 @@
 and its table is in docs/RELIABILITY.md): kills at random points, damaged artifacts, bad inputs, a second process,
 a diverging loss, a stale cache, each handled as the table says."""
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "fault_injection.py"
 def test_the_short_fault_injection_suite_handles_every_case(tmp_path):
     spec = importlib.util.spec_from_file_location("fault_injection", SCRIPT)
     fi = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = fi  # its dataclasses look their module up
     spec.loader.exec_module(fi)
     cases = fi.suite(tmp_path, short=True, kills_n=2, seed=0, log=lambda *a: None)
     faults = {c.fault for c in cases}
