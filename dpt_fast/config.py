@@ -36,6 +36,9 @@ class DataConfig:
     test_root: str = ""
     # latents: the ImageFolder the latents were prepared from, when it is no longer at the manifest's `root`.
     image_root: str = ""
+    # imagefolder, stage 2: true decodes the training images batch by batch while training (DALI, on the GPU with
+    # CUDA) instead of holding them in memory; None (unset) streams when they would take more than 16 GiB as uint8.
+    stream: Optional[bool] = None
 
 
 @dataclass
@@ -121,6 +124,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 50
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    compile: bool = False  # torch.compile the model (first steps compile; the weights match eager up to rounding)
 
 
 @dataclass
@@ -133,6 +137,7 @@ class SampleConfig:
     cfg_scale: float = 0.4  # U-ViT/DPT convention: eps = eps_c + s * (eps_c - eps_u)
     backend: str = "auto"  # auto | cpp | python: the per-step update
     cuda_graph: bool = True
+    precision: str = "auto"  # the network's: auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16; solver state fp32
 
 
 @dataclass
@@ -196,6 +201,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "diffusion.schedule": ("linear", "discrete"),
     "diffusion.prediction": ("eps", "v"),
     "train.precision": ("auto", "fp32", "bf16"),
+    "sample.precision": ("auto", "fp32", "bf16"),
     "sample.method": ("multistep", "singlestep", "singlestep_fixed"),
     "sample.algorithm": ("dpmsolver", "dpmsolver++"),
     "sample.skip_type": ("time_uniform", "logSNR", "time_quadratic"),

@@ -3,6 +3,7 @@
     rank, world, device = setup_distributed(device)   # once per process, before any collective
     rank, world = rank_world()                        # (0, 1) when not distributed
     barrier()                                         # no-op when not distributed
+    long_barrier()                                    # the same, waiting up to 2 h (rank 0 doing slow I/O alone)
 
 Everything here is a no-op (or returns rank 0 of 1) when the process was not launched by torchrun, so the
 same code runs single-process on a laptop and on N GPUs.
@@ -38,6 +39,21 @@ def is_main() -> bool:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+_LONG_GROUPS: dict[float, object] = {}
+
+
+def long_barrier(timeout: timedelta = timedelta(hours=2)) -> None:
+    """A barrier in which the ranks wait up to `timeout` instead of the process group's collective timeout (NCCL's
+    default is 10 minutes): for the ranks that wait while rank 0 alone does slow I/O (a large checkpoint's write).
+    It runs on a gloo group of its own, created by the first call (which every rank makes at the same point)."""
+    if not is_distributed():
+        return
+    key = timeout.total_seconds()
+    if key not in _LONG_GROUPS:
+        _LONG_GROUPS[key] = dist.new_group(backend="gloo", timeout=timeout)
+    dist.barrier(group=_LONG_GROUPS[key])
 
 
 def launched_by_torchrun() -> bool:

@@ -138,10 +138,13 @@ def encode_moments(vae, images: torch.Tensor, flip: bool = True) -> torch.Tensor
     return m.view(views, len(images), *m.shape[1:]).transpose(0, 1).contiguous()
 
 
-def sample_latents(moments: torch.Tensor, generator: torch.Generator | None = None, scale: float = SCALE) -> torch.Tensor:
-    """moments [n, 2c, h, w] (mean, logvar) -> z [n, c, h, w] = (mean + exp(logvar / 2) * eps) * scale."""
+def sample_latents(moments: torch.Tensor, generator: torch.Generator | None = None, scale: float = SCALE,
+                   eps: torch.Tensor | None = None) -> torch.Tensor:
+    """moments [n, 2c, h, w] (mean, logvar) -> z [n, c, h, w] = (mean + exp(logvar / 2) * eps) * scale; eps
+    ~ N(0, I) from `generator` unless given."""
     mean, logvar = moments.float().chunk(2, dim=1)
-    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    if eps is None:
+        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
     return (mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * eps) * scale
 
 

@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from ..config import Config
 from ..data import load_dataset, to_float
+from ..data.vae import sample_latents
 from ..diffusion import make_schedule
 from ..diffusion.train import BatchSource, as_eps_model, train_diffusion
 from ..distributed import setup_distributed
@@ -35,9 +36,9 @@ from ..utils import UserError, load_npz, log, resolve_device, seed_everything
 from .rundir import RunDir
 
 # Train settings that do not change the weights at a given step: a checkpoint made with other values resumes.
-_RESUMABLE_KEYS = ("steps", "ckpt_every", "keep_checkpoints", "log_every")
+_RESUMABLE_KEYS = ("steps", "ckpt_every", "keep_checkpoints", "log_every", "compile")
 # Data settings stage 2 does not train on (the test split; source images that stages 1 and 3 re-decode).
-_NOT_TRAINED_ON = ("test_root", "image_root")
+_NOT_TRAINED_ON = ("test_root", "image_root", "stream")
 
 
 def load_pseudo_labels(rd: RunDir, n_train: int, num_classes: int) -> torch.Tensor:
@@ -81,7 +82,9 @@ class _Data:
 
 
 class _Latents:
-    """`BatchSource` over prepared VAE latents: z sampled from the stored moments, randomly mirrored."""
+    """`BatchSource` over prepared VAE latents: z sampled from the stored moments of a randomly mirrored image.
+
+    Mirror bits (CPU) and posterior noise (device) are drawn for the whole global batch and cut to `rows`."""
 
     def __init__(self, ds):
         self.ds = ds
@@ -90,8 +93,15 @@ class _Latents:
     def __len__(self) -> int:
         return len(self.ds)
 
-    def __call__(self, index: torch.Tensor, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-        return self.ds.sample(index.numpy(), generator=generator, device=device)
+    def read(self, index: torch.Tensor, rows: slice, seed: int) -> tuple[torch.Tensor, ...]:
+        flips = torch.randint(0, 2, (len(index),), generator=torch.Generator().manual_seed(seed))[rows]
+        return (self.ds.moments(index[rows].numpy(), flips.numpy()),)
+
+    def finish(self, raw: tuple[torch.Tensor, ...], batch_size: int, rows: slice, seed: int) -> torch.Tensor:
+        (moments,) = raw
+        gen = torch.Generator(moments.device).manual_seed(seed)
+        eps = torch.randn((batch_size, *self.sample_shape), generator=gen, device=moments.device)[rows]
+        return sample_latents(moments, scale=self.ds.scale, eps=eps)
 
 
 def _load_data(cfg: Config, device: torch.device, progress: bool = True) -> _Data:
