@@ -170,7 +170,8 @@ def run(cfg: Config, rd: RunDir, progress: bool = True) -> dict:
                    null_class=num_classes, cfg_scale=s.cfg_scale, steps=s.steps, order=s.order, method=s.method,
                    algorithm=s.algorithm, skip_type=s.skip_type, batch_size=cfg.gen.batch_size,
                    shard_size=cfg.gen.shard_size, seed=cfg.seed, device=device, backend=s.backend,
-                   cuda_graph=s.cuda_graph, decode=data.decode, progress=progress, model_id=f"{fp}@{res.step}")
+                   cuda_graph=s.cuda_graph, precision=s.precision, decode=data.decode, progress=progress,
+                   model_id=f"{fp}@{res.step}")
 
     metrics = None
     if rank == 0:
@@ -180,6 +181,9 @@ def run(cfg: Config, rd: RunDir, progress: bool = True) -> dict:
             gen_seconds=gen["seconds"],
             sampler_nfe=gen["nfe"],
             sampler_backend=gen["backend"],
+            sampler_precision=gen["precision"],
+            sampler_cuda_graph=gen["cuda_graph"],
+            sampler_cuda_graph_fallback=gen["cuda_graph_fallback"],  # why graphs were asked for but not used
             train_steps=res.step,
             train_resumed_from=res.start_step,
             train_seconds=res.seconds,
