@@ -5,6 +5,8 @@
     for pos, images in dec:            # pos: int64 [n] positions in `entries`; images: uint8 [n, 3, 256, 256]
         labels = index.labels[pos]     # labels travel with positions, never with batch slots
     dec.failed                         # [(position, reason)] of files that failed at run time
+    ImageDecoder(entries, 64, batch_size=32, positions=order)   # these positions, in this order (any iterable,
+                                                                # endless too: stage 2 streams its training order)
 
 Backend: `dali_gpu` when DALI is installed and CUDA is present (decode, resize, crop and flip on the GPU;
 images come back as CUDA tensors), `dali_cpu` when DALI is installed without CUDA, `pil` when DALI is not
@@ -23,7 +25,8 @@ import functools
 import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator, Sequence
+from itertools import islice
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -160,6 +163,8 @@ def _build_pipeline(feeder: _Feeder, size: int, gpu: bool, batch_size: int, thre
 class ImageDecoder:
     """Decode `entries` [(path, width, height), ...] to uint8 [n, 3, size, size] batches, in order.
 
+    `positions` (default: every entry once) says which entries to decode in which order; it may repeat entries
+    and be endless (batches then come as they are asked for, the files of the next ones read ahead).
     Yields (positions int64 [n], images uint8 tensor [n, 3, size, size]) with images on CUDA for the
     `dali_gpu` backend and on the CPU otherwise. random_flip: mirror each image with probability 1/2
     (seeded by `seed`; on the GPU for dali_gpu). Files that fail are left out of the batches and listed in
@@ -180,8 +185,10 @@ class ImageDecoder:
         on_bad_image: str = "skip",
         progress: bool = False,
         desc: str = "decoding",
+        positions: Iterable[int] | None = None,
     ):
         self.entries = list(entries)
+        self.positions = positions
         self.size, self.batch_size = size, batch_size
         self.backend = backend or select_backend(device)
         if self.backend not in BACKENDS:
@@ -232,10 +239,14 @@ class ImageDecoder:
             out = out.to(self.device, non_blocking=True)
         return np.array([p for p, _ in keep], dtype=np.int64), out
 
+    def _todo(self) -> Iterator[int]:
+        return iter(range(len(self.entries)) if self.positions is None else self.positions)
+
     def _iter_pil(self, pool) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         rng = np.random.default_rng(self.seed)
-        for start in range(0, len(self.entries), self.batch_size):
-            got = self._decode_pil_batch(range(start, min(start + self.batch_size, len(self.entries))), pool, rng)
+        todo = self._todo()
+        while batch := list(islice(todo, self.batch_size)):
+            got = self._decode_pil_batch(batch, pool, rng)
             if got is not None:
                 yield got
 
@@ -252,7 +263,7 @@ class ImageDecoder:
 
     def _iter_dali(self, pool) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         gpu = self.backend == "dali_gpu"
-        feeder = _Feeder(self.entries, self.size, self.batch_size, iter(range(len(self.entries))), pool, self._fail)
+        feeder = _Feeder(self.entries, self.size, self.batch_size, self._todo(), pool, self._fail)
         rng = np.random.default_rng(self.seed)
         builds = 0
         while True:
@@ -289,7 +300,8 @@ class ImageDecoder:
         from tqdm import tqdm
 
         self.failed = []
-        self._bar = tqdm(total=len(self.entries), desc=self.desc, unit="img", disable=not self.progress, smoothing=0.05)
+        total = len(self.entries) if self.positions is None else None
+        self._bar = tqdm(total=total, desc=self.desc, unit="img", disable=not self.progress, smoothing=0.05)
         with ThreadPoolExecutor(max_workers=self.threads) as pool:
             it = self._iter_pil(pool) if self.backend == "pil" else self._iter_dali(pool)
             try:

@@ -159,6 +159,12 @@ class ImageIndex:
         idx = range(len(self.files)) if indices is None else indices
         return [(os.path.join(self.root, self.files[i]), int(self.sizes[i, 0]), int(self.sizes[i, 1])) for i in idx]
 
+    def subset(self, keep: Sequence[int] | np.ndarray) -> "ImageIndex":
+        """The images at positions `keep`, in that order (same root and classes; nothing skipped)."""
+        keep = np.asarray(keep, dtype=np.int64)
+        return ImageIndex(self.root, self.classes, [self.files[i] for i in keep], self.labels[keep], self.sizes[keep],
+                          empty_classes=self.empty_classes)
+
     def to_dict(self) -> dict:
         return {
             "root": self.root,
@@ -354,7 +360,7 @@ def _held_out(labels: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
     return mask
 
 
-def _decode_all(index: ImageIndex, size: int, progress: bool) -> np.ndarray:
+def decode_all(index: ImageIndex, size: int, progress: bool) -> np.ndarray:
     from .dali import ImageDecoder
 
     out = np.zeros((len(index), 3, size, size), dtype=np.uint8)
@@ -364,8 +370,8 @@ def _decode_all(index: ImageIndex, size: int, progress: bool) -> np.ndarray:
     return out
 
 
-def load_imagefolder(data_cfg, progress: bool = True) -> ImageFolderDataset:
-    """`data.name=imagefolder`: decode `data.root` into memory at `data.image_size`.
+def split_imagefolder(data_cfg, progress: bool = True) -> tuple[ImageIndex, ImageIndex]:
+    """`data.name=imagefolder`: the (training, held-out) indices of `data.root`, validated, nothing decoded.
 
     `data.test_root` set: `root` holds the training classes, `test_root` the held-out images. Otherwise
     `root/train` + `root/val` (or `root/test`) are used as the split when present (ImageNet layout); else
@@ -376,31 +382,40 @@ def load_imagefolder(data_cfg, progress: bool = True) -> ImageFolderDataset:
     if data_cfg.image_size <= 0:
         raise UserError("data.name=imagefolder needs data.image_size (the crop size, e.g. data.image_size=64)")
     root = Path(data_cfg.root).expanduser()
-    size = data_cfg.image_size
     test_root = getattr(data_cfg, "test_root", "")
     val = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
     if test_root:
         if not Path(test_root).expanduser().is_dir():
             raise UserError(f"data.test_root={test_root}: no such directory; give an ImageFolder with the training class folders")
         train = scan_imagefolder(root, data_cfg.on_bad_image, progress=progress)
-        test = scan_imagefolder(Path(test_root).expanduser(), data_cfg.on_bad_image, classes=train.classes, progress=progress)
-        indices = [train, test]
-    elif (root / "train").is_dir() and val is not None:
+        return train, scan_imagefolder(Path(test_root).expanduser(), data_cfg.on_bad_image, classes=train.classes, progress=progress)
+    if (root / "train").is_dir() and val is not None:
         train = scan_imagefolder(root / "train", data_cfg.on_bad_image, progress=progress)
-        test = scan_imagefolder(val, data_cfg.on_bad_image, classes=train.classes, progress=progress)
-        indices = [train, test]
-    else:
-        full = scan_imagefolder(root, data_cfg.on_bad_image, progress=progress)
-        held = _held_out(full.labels, TEST_FRACTION)
-        indices = [_subset(full, ~held, full.skipped), _subset(full, held, [])]
-    n = sum(len(i) for i in indices)
-    if n * 3 * size * size > MAX_IN_MEMORY_BYTES:
+        return train, scan_imagefolder(val, data_cfg.on_bad_image, classes=train.classes, progress=progress)
+    full = scan_imagefolder(root, data_cfg.on_bad_image, progress=progress)
+    held = _held_out(full.labels, TEST_FRACTION)
+    return _subset(full, ~held, full.skipped), _subset(full, held, [])
+
+
+def in_memory_bytes(indices: Sequence[ImageIndex], size: int) -> int:
+    """Bytes the decoded uint8 images of `indices` take at `size` x `size`."""
+    return sum(len(i) for i in indices) * 3 * size * size
+
+
+def load_imagefolder(data_cfg, progress: bool = True,
+                     split: tuple[ImageIndex, ImageIndex] | None = None) -> ImageFolderDataset:
+    """`data.name=imagefolder`: decode `data.root` into memory at `data.image_size`; `split`: the result of
+    `split_imagefolder` when the caller already has it."""
+    size = data_cfg.image_size
+    indices = split or split_imagefolder(data_cfg, progress)
+    if in_memory_bytes(indices, size) > MAX_IN_MEMORY_BYTES:
+        root = Path(data_cfg.root).expanduser()
         raise UserError(
-            f"{root}: {n} images at {size}px do not fit in memory; prepare it once with "
+            f"{root}: {sum(len(i) for i in indices)} images at {size}px do not fit in memory; prepare it once with "
             f"`python -m dpt_fast.data.prepare --root {root} --out DIR` and train on the shards"
         )
     x_train, x_test = (
-        _decode_all(i, size, progress) if len(i) else np.zeros((0, 3, size, size), np.uint8) for i in indices
+        decode_all(i, size, progress) if len(i) else np.zeros((0, 3, size, size), np.uint8) for i in indices
     )
     tr, te = indices
     return ImageFolderDataset(

@@ -74,6 +74,9 @@ class BatchSource(Protocol):
     def finish(self, raw: tuple[torch.Tensor, ...], batch_size: int, rows: slice, seed: int) -> torch.Tensor:
         """float [len(rows), *sample_shape] on the device `raw` was moved to; `batch_size` = B."""
 
+    # Optional: `plan(rows_of_steps, batch_size)` is called once, before the first `read`, with an iterator over this
+    # process's data indices of every coming step (a stream that decodes ahead needs the order); `close()` at the end.
+
 
 # ----------------------------------------------------------------------------------------------
 # Pieces of the loop
@@ -382,6 +385,9 @@ class _Batches:
         self.perms: dict[int, torch.Tensor] = {}  # used by one thread only: the reader
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="batches") if not isinstance(x, torch.Tensor) else None
         self.ahead: dict[int, Future] = {}
+        if hasattr(x, "plan"):
+            perms: dict[int, torch.Tensor] = {}
+            x.plan((batch_indices(s, batch_size, n, seed, perms)[rows] for s in steps), rows.stop - rows.start)
 
     def _to(self, t: torch.Tensor, device: torch.device) -> torch.Tensor:
         if device.type == "cuda" and t.device.type == "cpu":
@@ -391,7 +397,8 @@ class _Batches:
     def _read(self, step: int) -> tuple[torch.Tensor, ...]:
         index = batch_indices(step, self.batch_size, self.n, self.seed, self.perms)
         raw = self.x.read(index, self.rows, step_seed(self.seed, _STREAM_DATA, step))
-        return tuple(t.pin_memory() if self.device.type == "cuda" else t for t in (index[self.rows], *raw))
+        return tuple(t.pin_memory() if self.device.type == "cuda" and t.device.type == "cpu" else t
+                     for t in (index[self.rows], *raw))
 
     def get(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(x0 float [rows, *sample_shape], index int64 [rows]) of `step`, both on the device."""
@@ -410,6 +417,8 @@ class _Batches:
             for f in self.ahead.values():
                 f.cancel()
             self.pool.shutdown(wait=True)
+            if hasattr(self.x, "close"):
+                self.x.close()
 
 
 _NONE = 2**62  # "no non-finite loss yet"

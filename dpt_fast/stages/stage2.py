@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from ..config import Config
 from ..data import load_dataset, to_float
+from ..data.imagefolder import load_imagefolder
 from ..data.vae import sample_latents
 from ..diffusion import make_schedule
 from ..diffusion.train import BatchSource, as_eps_model, train_diffusion
@@ -126,7 +127,14 @@ def _load_data(cfg: Config, device: torch.device, progress: bool = True) -> _Dat
 
         return _Data(_Latents(ds), ds.num_classes, tuple(ds.latent_shape), "latents", real, vae_decode)
 
-    ds = load_dataset(cfg.data, progress=progress)
+    split = None
+    if cfg.data.name == "imagefolder" and cfg.data.stream is not False:
+        from ..data.imagefolder import MAX_IN_MEMORY_BYTES, in_memory_bytes, split_imagefolder
+
+        split = split_imagefolder(cfg.data, progress)
+        if cfg.data.stream or in_memory_bytes(split, cfg.data.image_size) > MAX_IN_MEMORY_BYTES:
+            return _streamed_folder(cfg, *split, device, progress)
+    ds = load_dataset(cfg.data, progress=progress) if split is None else load_imagefolder(cfg.data, progress, split)
 
     def real_test() -> np.ndarray:
         real = ds.x_test
@@ -136,6 +144,24 @@ def _load_data(cfg: Config, device: torch.device, progress: bool = True) -> _Dat
 
     # The data sets read into memory fit there: a batch is one index gather, on the device.
     return _Data(to_float(ds.x_train).to(device), ds.num_classes, tuple(ds.image_shape), cfg.data.name, real_test)
+
+
+def _streamed_folder(cfg: Config, train, test, device: torch.device, progress: bool) -> _Data:
+    """An ImageFolder decoded while training (`TrainingStream`); the FID reference images are decoded on demand."""
+    from ..data.imagefolder import decode_all
+    from ..data.stream import TrainingStream
+
+    size = cfg.data.image_size
+    log.info("stage 2: streaming %d training images of %s at %d px (data.stream)", len(train), train.root, size)
+
+    def real_test() -> np.ndarray:
+        index = test
+        if 0 < cfg.eval.num_real < len(test):
+            keep = np.sort(np.random.default_rng(cfg.seed).choice(len(test), cfg.eval.num_real, replace=False))
+            index = test.subset(keep)
+        return decode_all(index, size, progress) if len(index) else np.zeros((0, 3, size, size), np.uint8)
+
+    return _Data(TrainingStream(train, size, device), len(train.classes), (3, size, size), "imagefolder", real_test)
 
 
 def run(cfg: Config, rd: RunDir, progress: bool = True) -> dict:
