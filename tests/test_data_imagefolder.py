@@ -333,6 +333,7 @@ def test_load_dataset_imagefolder_holds_out_a_tenth_per_class(tmp_path):
     assert not set(ds.train_files) & set(ds.test_files)
 
 
+@pytest.mark.gpu
 @needs_cuda
 @needs_dali
 def test_dali_gpu_matches_pil_within_decoder_tolerance(tmp_path):

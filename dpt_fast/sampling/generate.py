@@ -209,7 +209,7 @@ def generate(
     mine = [s for s in range(n_shards) if s % world == rank]
     todo = [s for s in mine if not _shard_ok(_shard_path(out_dir, s), labels_all[items(s)], index_all[items(s)])]
 
-    sampler = _BatchSampler(model, schedule, null_class, cfg_scale, algorithm, resolve_backend(backend, device),
+    sampler = BatchSampler(model, schedule, null_class, cfg_scale, algorithm, resolve_backend(backend, device),
                             cuda_graph and device.type == "cuda", amp, device, batch_size, solver_args)
     nfe = sampler.check(min(batch_size, n))  # bad sampler settings fail here, before any work
     n_todo = sum(items(s).stop - items(s).start for s in todo)
@@ -268,7 +268,7 @@ def _close_manifest(out_dir: Path, n_shards: int, rate: float, seconds: float) -
     barrier()
 
 
-class _BatchSampler:
+class BatchSampler:
     """Initial noise + labels -> x at t_end for one batch: classifier-free guided DPM-Solver on the device.
 
     One solver per batch width (the conditioning lives in a per-width buffer the model wrapper reads in place, so a
