@@ -286,8 +286,8 @@ def train_diffusion(
     start, meta = _resume(Path(ckpt_dir), fingerprint, tcfg.steps, model, ema, optimizer)
     logger = _Logger(log_dir, start, tcfg, rank == 0 and progress, rank == 0)
     window = _LossWindow(device, *meta.get("loss_window", [0.0, 0]))
-    saver = _Checkpointer(Path(ckpt_dir), tcfg.keep_checkpoints, {"fingerprint": fingerprint, "seed": seed, "world_size": world},
-                          prior_seconds=float(meta.get("train_seconds", 0.0)), writer=rank == 0)
+    saver = _Checkpointer(Path(ckpt_dir), tcfg.keep_checkpoints, {"fingerprint": fingerprint, "seed": seed,
+                          "world_size": world}, prior_seconds=float(meta.get("train_seconds", 0.0)), writer=rank == 0)
     batches = _Batches(x, n, tcfg.batch_size, rows, seed, device, range(start, tcfg.steps))
     net = _wrap(model, world, device, tcfg.compile)
     amp = autocast_dtype(tcfg.precision, device)
@@ -313,11 +313,12 @@ def train_diffusion(
                 torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
             optimizer.step()
             update_ema(ema, model, ema_decay_at(step, tcfg.ema_decay))
-            window.add(loss, step + 1)
-
             done = step + 1
+            window.add(loss, done)  # on the device
+
             if done % tcfg.log_every == 0 or done == tcfg.steps:  # the loop's one regular host sync
-                logger.log(done, window.take(done, tcfg), lr, (done - start) * tcfg.batch_size / (time.perf_counter() - t0))
+                images_per_second = (done - start) * tcfg.batch_size / (time.perf_counter() - t0)
+                logger.log(done, window.take(tcfg), lr, images_per_second)
             if done % tcfg.ckpt_every == 0 or done == tcfg.steps:
                 _check_finite(done, window, model, ema, tcfg)
                 saver.save(done, model, ema, optimizer, window.state(), logger.history, logger.path,
@@ -459,7 +460,7 @@ class _LossWindow:
         """[window sum, count] for the checkpoint (a resumed run then logs the same losses)."""
         return [self._read()[0], self.count]
 
-    def take(self, step: int, tcfg) -> float:
+    def take(self, tcfg) -> float:
         """The mean loss of the window, which then restarts; a UserError if a loss was not finite."""
         total, bad = self._read()
         if bad is not None:
