@@ -1,7 +1,9 @@
 """Class-conditional generation at scale: K images per class, batched across classes, sharded and resumable.
 
 Item j of a run (j = 0 .. len(classes) * K - 1) is image `index = j // C` of class `classes[j % C]`
-(C = len(classes)), so every batch mixes classes. Its initial noise comes from a generator seeded by a hash of
+(C = len(classes)), so every batch mixes classes. With explicit `labels` (e.g. the 50,000 drawn labels of an
+FID run, `python -m dpt_fast.sample`) item j has class labels[j] and index = how often that class occurs
+before j. Its initial noise comes from a generator seeded by a hash of
 (seed, class, index): an image depends only on those and the sampler settings, not on the batch size, the
 shard layout, the rank that made it or whether the run was interrupted.
 
@@ -30,7 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..diffusion.schedule import NoiseScheduleVP
+from ..diffusion.schedule import NoiseScheduleVP, model_time
 from ..diffusion.train import autocast_dtype
 from ..distributed import barrier, rank_world
 from ..ops.dpm_solver_update import resolve_backend
@@ -141,6 +143,7 @@ def generate(
     denoise_to_zero: bool = False,
     model_id: str = "",
     on_mismatch: str = "regenerate",
+    labels: Optional[Sequence[int]] = None,
 ) -> dict:
     """Generate `k_per_class` images for each class of `classes` into sharded npz files under `out_dir`.
 
@@ -149,6 +152,8 @@ def generate(
             in eval mode, on `device`). Its time input is `model_time(schedule, t)`.
         schedule: the noise schedule it was trained with.
         classes: class ids to generate; k_per_class: images per class (K).
+        labels: instead of classes x K, the class of each item in order (classes and k_per_class are then
+            ignored).
         shape: the sampler's [C, H, W] (latent shape for latent models).
         null_class: the label of the unconditional model (U-ViT: num_classes - 1).
         cfg_scale: U-ViT/DPT convention s: eps = eps_c + s (eps_c - eps_u) (DPT: 0.4); 0 = no guidance. One
@@ -175,8 +180,12 @@ def generate(
          'precision', 'cuda_graph', 'cuda_graph_fallback', 'out_dir'}; images_per_second counts this call's images
          (or the last run's when all shards were already there); nfe = model evaluations per image batch.
     """
-    classes = [int(c) for c in classes]
-    if not classes or k_per_class < 1 or batch_size < 1 or shard_size < 1:
+    if labels is not None:
+        labels_all = np.asarray(labels, dtype=np.int64).reshape(-1)
+        classes, k_per_class = sorted(set(labels_all.tolist())), 0
+    else:
+        classes = [int(c) for c in classes]
+    if not classes or (labels is None and k_per_class < 1) or batch_size < 1 or shard_size < 1:
         raise UserError("generate: need at least one class and k_per_class, gen.batch_size, gen.shard_size >= 1")
     if on_mismatch not in ("regenerate", "error"):
         raise ValueError(f"on_mismatch={on_mismatch!r}; use 'regenerate' or 'error'")
@@ -189,30 +198,42 @@ def generate(
                        lower_order_final=lower_order_final, denoise_to_zero=denoise_to_zero)
     amp = autocast_dtype(precision, device)
 
-    # Items: j -> (class classes[j % C], index j // C); shard s holds items [s * shard_size, (s + 1) * shard_size).
-    C, n = len(classes), len(classes) * k_per_class
-    labels_all = np.array([classes[j % C] for j in range(n)], dtype=np.int64)
-    index_all = np.arange(n, dtype=np.int64) // C
+    # Item j: (class, per-class index); shard s holds items [s * shard_size, (s + 1) * shard_size).
+    if labels is None:  # j -> (classes[j % C], j // C)
+        C, n = len(classes), len(classes) * k_per_class
+        labels_all = np.array([classes[j % C] for j in range(n)], dtype=np.int64)
+        index_all = np.arange(n, dtype=np.int64) // C
+        items = {"classes": classes}
+    else:
+        n = len(labels_all)
+        index_all = np.zeros(n, dtype=np.int64)  # occurrence count of each item's class before it
+        seen: dict[int, int] = {}
+        for j, c in enumerate(labels_all.tolist()):
+            index_all[j] = seen.get(c, 0)
+            seen[c] = index_all[j] + 1
+        # Not a hash of the labels: every finished shard is checked against its items' labels anyway, so a
+        # longer prefix-consistent label list (a larger FID run) keeps the shards it shares with a shorter one.
+        items = {"labels": "explicit"}
     n_shards = -(-n // shard_size)
     identity = {
-        "classes": classes, "shape": [int(v) for v in shape], "null_class": int(null_class), "cfg_scale": float(cfg_scale),
+        **items, "shape": [int(v) for v in shape], "null_class": int(null_class), "cfg_scale": float(cfg_scale),
         "steps": steps, "order": order, "method": method, "algorithm": algorithm, "skip_type": skip_type,
         "t_end": float(t_end), "lower_order_final": lower_order_final, "denoise_to_zero": denoise_to_zero,
         "seed": int(seed), "shard_size": int(shard_size), "schedule": schedule.describe(), "model_id": model_id,
         "decoded": decode is not None, "precision": "bf16" if amp is not None else "fp32",
     }
-    previous = _open_manifest(out_dir, identity, on_mismatch, k_per_class, n, n_shards)
+    previous = _open_manifest(out_dir, identity, on_mismatch, k_per_class or None, n, n_shards)
 
-    def items(s: int) -> slice:
+    def shard_items(s: int) -> slice:
         return slice(s * shard_size, min(n, (s + 1) * shard_size))
 
     mine = [s for s in range(n_shards) if s % world == rank]
-    todo = [s for s in mine if not _shard_ok(_shard_path(out_dir, s), labels_all[items(s)], index_all[items(s)])]
+    todo = [s for s in mine if not _shard_ok(_shard_path(out_dir, s), labels_all[shard_items(s)], index_all[shard_items(s)])]
 
     sampler = BatchSampler(model, schedule, null_class, cfg_scale, algorithm, resolve_backend(backend, device),
                             cuda_graph and device.type == "cuda", amp, device, batch_size, solver_args)
     nfe = sampler.check(min(batch_size, n))  # bad sampler settings fail here, before any work
-    n_todo = sum(items(s).stop - items(s).start for s in todo)
+    n_todo = sum(shard_items(s).stop - shard_items(s).start for s in todo)
     if todo:
         log.info(f"generating {n_todo} images ({len(todo)} of {n_shards} shards{f', rank {rank}/{world}' if world > 1 else ''}) "
                  f"into {out_dir}: {algorithm} {method} order {order}, {steps} steps, cfg {cfg_scale}, batch {batch_size}, "
@@ -221,7 +242,7 @@ def generate(
     t0 = time.perf_counter()
     bar = tqdm(total=n_todo, unit="img", desc="generate", disable=not progress or rank != 0, dynamic_ncols=True)
     for s in todo:
-        lab, idx = labels_all[items(s)], index_all[items(s)]
+        lab, idx = labels_all[shard_items(s)], index_all[shard_items(s)]
         images = []
         for i in range(0, len(lab), batch_size):
             z = sampler(item_noise(seed, lab[i: i + batch_size], idx[i: i + batch_size], shape), lab[i: i + batch_size])
@@ -243,7 +264,8 @@ def generate(
 # ----------------------------------------------------------------------------------------------
 # Helpers of generate
 # ----------------------------------------------------------------------------------------------
-def _open_manifest(out_dir: Path, identity: dict, on_mismatch: str, k_per_class: int, n: int, n_shards: int) -> dict:
+def _open_manifest(out_dir: Path, identity: dict, on_mismatch: str, k_per_class: Optional[int], n: int,
+                   n_shards: int) -> dict:
     """Rank 0 checks the directory against `identity` (clearing stale shards) and writes the open manifest; every
     rank then returns it (the previous run's entries, such as its images_per_second, included)."""
     if rank_world()[0] == 0:
@@ -294,7 +316,8 @@ class BatchSampler:
             y = torch.full((width,), self.null, dtype=torch.int64, device=self.device)
             y_null = torch.full((width,), self.null, dtype=torch.int64, device=self.device)
             fn = model_wrapper(self._net, self.schedule, "noise", guidance_type="classifier-free", condition=y,
-                               unconditional_condition=y_null, guidance_scale=self.scale)
+                               unconditional_condition=y_null, guidance_scale=self.scale,
+                               model_time_fn=model_time)  # the U-ViT's time input (999 t / N t)
             self.solvers[width] = (y, DPMSolver(fn, self.schedule, self.algorithm, backend=self.backend, cuda_graph=self.graph))
         return self.solvers[width]
 
