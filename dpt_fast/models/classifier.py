@@ -2,7 +2,7 @@
 
     space = load_space(run_dir / "stage1")       # the frozen representation stage 1 learned
     X = space.embed(images_uint8)                # [N, D] classifier inputs for any (unseen) images
-    head = fit_logreg(X_lab, y_lab, c=400.0, num_classes=10)
+    head = fit_logreg(X_lab, y_lab, c=1.0, num_classes=10)       # or models.logreg.fit_paper_logreg
     prob = head.predict_proba(space.embed(x_test))
 
 Representations (all saved as safetensors / npz / JSON, never pickled):
@@ -12,8 +12,10 @@ Representations (all saved as safetensors / npz / JSON, never pickled):
 - `PcaSpace`: PCA of the raw pixels (the simple baseline).
 - `BackboneSpace`: frozen timm backbone features, centred and L2-normalised (the paper's MSN recipe).
 
-The head is the paper's multinomial logistic regression with an L2 penalty. The paper's lambda = 0.0025 / N
-on the objective (1/N) sum(loss) + lambda/2 ||w||^2 is scikit-learn's C = 1 / (N lambda) = 400.
+The head is a multinomial logistic regression with an L2 penalty: on backbone features the paper's (no
+intercept, lambda = 0.0025 / N on (1/N) sum(loss) + lambda/2 ||w||^2, cyanure's solution: `models.logreg`),
+on the other representations scikit-learn's with an intercept (`fit_logreg`). Both are written as strength
+C = 1 / (N lambda): the paper's is C = 400.
 """
 from __future__ import annotations
 
@@ -57,16 +59,24 @@ class LinearHead:
     def predict(self, x: np.ndarray) -> np.ndarray:
         return self.logits(x).argmax(axis=1).astype(np.int64)
 
-    def label_prob(self, x: np.ndarray, labels: np.ndarray | None = None, rows: int = 16384
-                   ) -> tuple[np.ndarray, np.ndarray]:
+    def label_prob(self, x: np.ndarray, labels: np.ndarray | None = None, rows: int = 16384,
+                   device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
         """(arg-max class int64 [N], probability float32 [N] of `labels`, or of the arg-max when None), computed
-        `rows` at a time, so that x may be a memory-mapped [N, D] array and [N, K] never exists at once."""
+        `rows` at a time in float64 on `device` (pinned, non-blocking copies to a GPU), so that x may be a
+        memory-mapped [N, D] array (1.28M ImageNet rows) and [N, K] never exists at once."""
+        dev = torch.device(device)
+        coef = torch.from_numpy(np.asarray(self.coef, np.float64)).to(dev)
+        intercept = torch.from_numpy(np.asarray(self.intercept, np.float64)).to(dev)
         pred, prob = np.zeros(len(x), np.int64), np.zeros(len(x), np.float32)
         for i in range(0, len(x), rows):
-            p = self.predict_proba(np.asarray(x[i:i + rows]))
-            pred[i:i + len(p)] = p.argmax(1)
-            pick = pred[i:i + len(p)] if labels is None else labels[i:i + len(p)]
-            prob[i:i + len(p)] = p[np.arange(len(p)), pick]
+            xc = torch.from_numpy(np.ascontiguousarray(x[i:i + rows], np.float64))
+            if dev.type == "cuda":
+                xc = xc.pin_memory()
+            p = torch.softmax(xc.to(dev, non_blocking=True) @ coef.T + intercept, dim=1)
+            top = p.argmax(1)
+            pick = top if labels is None else torch.from_numpy(np.asarray(labels[i:i + len(p)], np.int64)).to(dev)
+            pred[i:i + len(p)] = top.cpu().numpy()
+            prob[i:i + len(p)] = p.gather(1, pick[:, None])[:, 0].float().cpu().numpy()
         return pred, prob
 
     def save(self, path: str | Path) -> None:

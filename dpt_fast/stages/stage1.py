@@ -7,8 +7,9 @@ logistic regression fitted on the labelled images only. Methods (`stage1.method`
   reduced by UMAP (fitted on the training images); unseen images (test, generated) are placed in the UMAP space
   by a kNN in SimCLR feature space (see `models.classifier.SimclrUmapSpace`).
 - pca_logreg: PCA of the pixels + logistic regression (the simple baseline).
-- features (real data, the paper's recipe): frozen timm backbone features (rows centred, L2-normalised) +
-  logistic regression with the paper's lambda = 0.0025 / N (C = 400). The images are streamed in batches
+- features (real data, the paper's recipe): frozen backbone features (MSN's ViT via `stage1.backbone=msn`, or a
+  timm model; rows centred, L2-normalised) + the paper's logistic regression (`models.logreg`: no intercept,
+  lambda = 0.0025 / N, cyanure's solution, fitted and applied on the GPU when there is one). The images are streamed in batches
   (`dpt_fast.data.stream`), so this works at ImageNet scale and is the only method for data.name=latents,
   whose images are decoded again from the folder the latents were prepared from (index i = latent i).
 
@@ -46,8 +47,8 @@ from ..config import Config
 from ..data import ArrayDataset, save_split, select_labelled
 from ..data.stream import RealData, cached_features, open_real_data
 from ..distributed import setup_distributed
-from ..models.classifier import (PAPER_LOGREG_C, BackboneSpace, PcaSpace, SimclrUmapSpace, fit_logreg, load_encoder,
-                                 save_encoder)
+from ..models.classifier import PAPER_LOGREG_C, BackboneSpace, PcaSpace, SimclrUmapSpace, load_encoder, save_encoder
+from ..models.logreg import fit_head
 from ..models.encoder import ConvEncoder, augment, encode, nt_xent
 from ..utils import UserError, atomic_path, log, read_json, resolve_device, save_npz
 from .rundir import RunDir
@@ -298,17 +299,19 @@ def run(cfg: Config, rd: RunDir, progress: bool = True) -> dict:
     space.save(out)
 
     c = logreg_c(cfg)
-    head = fit_logreg(np.asarray(x_train[labelled]), y[labelled], c, real.num_classes)
+    head, classifier = fit_head(s1.method == "features", np.asarray(x_train[labelled]), y[labelled], c,
+                                real.num_classes, device=device)
     head.save(out / "head.safetensors")
-    label, conf = head.label_prob(x_train)
+    label, conf = head.label_prob(x_train, device=device)
     fits_labels = float((label[labelled] == y[labelled]).mean())
     label[labelled], conf[labelled] = y[labelled], 1.0  # the known labels are kept, with certainty
     save_npz(rd.pseudo_labels, index=np.arange(len(y), dtype=np.int64), label=label, prob=conf)
 
-    test_pred = head.label_prob(x_test)[0]
+    test_pred = head.label_prob(x_test, device=device)[0]
     unl = np.setdiff1d(np.arange(len(y)), labelled)
     return {
         "method": s1.method,
+        "classifier": classifier,
         "logreg_c": c,
         "pseudo_label_accuracy": float((label == y).mean()),
         "unlabelled_accuracy": float((label[unl] == y[unl]).mean()) if len(unl) else None,
