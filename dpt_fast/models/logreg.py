@@ -65,14 +65,15 @@ class _Objective:
 
 def fit_paper_logreg(x, y, num_classes: int, lam: Optional[float] = None, sample_weight=None,
                      device: torch.device | str = "cpu", max_iter: int = 2000, tol: float = 1e-6,
-                     check_every: int = 10, chunk_bytes: int = 1 << 28) -> LinearHead:
+                     check_every: int = 10, chunk_bytes: int = 1 << 28, info: Optional[dict] = None) -> LinearHead:
     """The paper's head on rows x [N, D] (float) with labels y int [N] in [0, num_classes).
 
     lam: the L2 strength of the objective above; None = the paper's 0.0025 / N. sample_weight: per-row
     weights w_i (default 1). Stops at relative duality gap <= tol (cyanure's criterion; the official scripts
     use 1e-3 with 10,000 / 100 epochs in stage 1 / 3) or after max_iter L-BFGS iterations. A class absent
     from y still gets a row of the head (pushed below the others by the softmax). Returns a LinearHead with
-    coef [num_classes, D] and a zero intercept.
+    coef [num_classes, D] and a zero intercept; `info`, when given, receives lambda, iterations, the final
+    relative duality gap and the seconds taken.
     """
     t0 = time.time()
     device = torch.device(device)
@@ -99,22 +100,26 @@ def fit_paper_logreg(x, y, num_classes: int, lam: Optional[float] = None, sample
         if gap <= tol or not value < best:  # converged, or no progress left at float64 precision
             break
         best = value
+    iters, seconds = int(opt.state[W].get("n_iter", 0)), time.time() - t0
     log.info("paper logistic regression: %d x %d -> %d classes, lambda %.3g, %d L-BFGS iterations, relative "
-             "duality gap %.2g, %.1f s on %s", n, d, num_classes, lam, opt.state[W].get("n_iter", 0), gap,
-             time.time() - t0, device.type)
+             "duality gap %.2g, %.1f s on %s", n, d, num_classes, lam, iters, gap, seconds, device.type)
+    if info is not None:
+        info.update(logreg_lambda=lam, logreg_iterations=iters, logreg_duality_gap=gap, logreg_seconds=seconds)
     coef = W.detach().T.contiguous().cpu().numpy()
     return LinearHead(coef, np.zeros(num_classes, np.float64))
 
 
 def fit_head(paper: bool, x, y, c: float, num_classes: int, sample_weight=None,
-             device: torch.device | str = "cpu") -> tuple[LinearHead, str]:
-    """The classifier stages 1 and 3 fit, and its name for metrics.json.
+             device: torch.device | str = "cpu") -> tuple[LinearHead, dict]:
+    """The classifier stages 1 and 3 fit, and what metrics.json says of it ({"classifier": name, ...}).
 
     paper=True (stage1.method=features): `fit_paper_logreg` with lambda = 1 / (C N), N the rows fitted on
     (C = 400: the paper's 0.0025 / N), no intercept. Otherwise scikit-learn's multinomial logistic regression
     with an intercept and inverse strength C (`classifier.fit_logreg`), the small-data methods' classifier.
     """
     if paper:
-        return fit_paper_logreg(x, y, num_classes, lam=1.0 / (c * len(x)), sample_weight=sample_weight,
-                                device=device), "paper_logreg"
-    return fit_logreg(x, y, c, num_classes, sample_weight=sample_weight), "sklearn_logreg"
+        info = {"classifier": "paper_logreg"}
+        head = fit_paper_logreg(x, y, num_classes, lam=1.0 / (c * len(x)), sample_weight=sample_weight,
+                                device=device, info=info)
+        return head, info
+    return fit_logreg(x, y, c, num_classes, sample_weight=sample_weight), {"classifier": "sklearn_logreg"}

@@ -24,6 +24,7 @@ import numpy as np
 from ..config import Config
 from ..data import load_dataset, load_split
 from ..data.stream import ShardSource, cached_features, open_features
+from ..distributed import setup_distributed
 from ..models.classifier import LinearHead, load_space
 from ..models.logreg import fit_head
 from ..utils import UserError, load_npz, log, read_json, resolve_device
@@ -87,6 +88,8 @@ def run(cfg: Config, rd: RunDir, progress: bool = True) -> dict:
     m1 = read_json(rd.require(rd.metrics(1), 1))
     rd.require(rd.generated, 2)
     device = resolve_device(cfg.device)
+    if m1.get("method") == "features":
+        _, _, device = setup_distributed(device)  # under torchrun the ranks share the generated images' features
     space = load_space(rd.stage(1), device)
     head1 = LinearHead.load(rd.require(rd.stage(1) / "head.safetensors", 1))
     num_classes = len(head1.intercept)
@@ -110,7 +113,7 @@ def run(cfg: Config, rd: RunDir, progress: bool = True) -> dict:
     y = np.concatenate([y_lab, gen_y[keep]])
     w = np.concatenate([np.ones(len(y_lab)), np.full(int(keep.sum()), cfg.stage3.generated_weight)])
     # the paper's classifier for backbone features (N = labelled + generated rows in its lambda = 0.0025 / N)
-    head, classifier = fit_head(space.kind == "backbone", x, y, c, num_classes, sample_weight=w, device=device)
+    head, fit_info = fit_head(space.kind == "backbone", x, y, c, num_classes, sample_weight=w, device=device)
     rd.stage(3).mkdir(parents=True, exist_ok=True)
     head.save(rd.stage(3) / "head.safetensors")
 
@@ -123,7 +126,7 @@ def run(cfg: Config, rd: RunDir, progress: bool = True) -> dict:
                     stage1_top1, m1["test_top1"])
     return {
         "method": m1.get("method"),
-        "classifier": classifier,
+        **fit_info,
         "top1": top1,
         "stage1_top1": stage1_top1,
         "gain": top1 - stage1_top1,
