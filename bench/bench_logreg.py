@@ -4,9 +4,11 @@
     DPT_FAST_BENCH_LARGE=1 pytest bench/bench_logreg.py --benchmark-only -k stage1   # minutes on a CPU
 
 Rows are synthetic backbone-like features (class means + noise, centred and L2-normalised as BackboneSpace
-writes them); how many L-BFGS iterations a fit needs depends on the data, so real MSN features can take more
-or fewer. Shapes: `stage1` = ImageNet with 2 labels per class (2,000 x 768 -> 1,000 classes, ViT-B/4 width),
-`stage3` = 2 labels + K = 128 generated images per class (130,000 rows), `label` = pseudo-labels of all
+writes them; at 768 dims and 1,000 classes the noise leaves the nearest true mean right 57 % of the time, about
+DPT's 1-label top-1); how many L-BFGS iterations a fit needs depends on the data, so real MSN features can take
+more or fewer (`logreg_iterations` in extra_info, and in stage{1,3}/metrics.json of a real run). Shapes: `stage1` = ImageNet with 2 labels per class (2,000 x 768 -> 1,000 classes, ViT-B/4 width),
+`stage3` = 2 labels + K = 128 generated images per class (130,000 rows; `stage3_tenth`: 13 per class, for
+CPUs), `label` = pseudo-labels of all
 1,281,167 ImageNet training rows (`label_quarter`: a quarter of them, for CPUs with little memory). `small`
 is a quick shape that runs on every CPU.
 """
@@ -20,7 +22,8 @@ from dpt_fast.models.logreg import fit_paper_logreg
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 LARGE = os.environ.get("DPT_FAST_BENCH_LARGE") == "1"
-FIT = {"small": (1000, 128, 100), "stage1": (2000, 768, 1000), "stage3": (130_000, 768, 1000)}
+FIT = {"small": (1000, 128, 100), "stage1": (2000, 768, 1000), "stage3_tenth": (13_000, 768, 1000),
+       "stage3": (130_000, 768, 1000)}
 LABEL = {"small": (20_000, 128, 100), "label_quarter": (320_000, 768, 1000), "label": (1_281_167, 768, 1000)}
 
 
@@ -31,7 +34,7 @@ def rows(n, d, k, seed=0, chunk=65536):
     y = torch.arange(n) % k
     x = np.empty((n, d), np.float32)
     for i in range(0, n, chunk):
-        xc = means[y[i:i + chunk]] + 1.5 * torch.randn(len(y[i:i + chunk]), d, generator=g)
+        xc = means[y[i:i + chunk]] + 8.0 * torch.randn(len(y[i:i + chunk]), d, generator=g)
         x[i:i + chunk] = torch.nn.functional.normalize(xc - xc.mean(1, keepdim=True), dim=1).numpy()
     return x, y.numpy()
 
@@ -62,7 +65,7 @@ def _label(benchmark, shape, device):
                                 rows_per_second=n / benchmark.stats.stats.mean)
 
 
-@pytest.mark.parametrize("shape", ["small", "stage1"])
+@pytest.mark.parametrize("shape", ["small", "stage1", "stage3_tenth"])
 def test_fit_cpu(benchmark, shape):
     if shape != "small" and not LARGE:
         pytest.skip("set DPT_FAST_BENCH_LARGE=1 for ImageNet shapes on the CPU")
