@@ -214,3 +214,21 @@ def test_vae_single_file_checkpoint_and_decode(vae_dir, tmp_path):
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(UserError, match="no config.json"):
         load_vae(tmp_path / "empty_dir")
+
+
+def test_prepare_center_crop_and_folders_prepared_before_crops_had_names(images, tmp_path):
+    """--crop center keeps the fast DALI/PIL crop; an index.json written before `crop` was a setting is reused as
+    the "center" crop it was made with (images mode: no VAE needed)."""
+    out = tmp_path / "img"
+    m = _prepare(images, out, crop="center")
+    assert m["crop"] == "center" and m["backend"] in ("dali_cpu", "pil")
+    index = scan_imagefolder(images, progress=False)
+    _, want = next(iter(ImageDecoder(index.entries(), RES, batch_size=9, backend="pil")))
+    got = np.concatenate([np.load(out / s) for s in m["shards"]])
+    assert np.abs(got.astype(int) - want.numpy().astype(int)).max() <= 1  # DALI vs PIL: rounding only
+    saved = json.loads((out / "index.json").read_text())
+    del saved["settings"]["crop"]
+    (out / "index.json").write_text(json.dumps(saved))
+    assert _prepare(images, out, crop="center")["num_images"] == 9
+    with pytest.raises(UserError, match="other settings \\(crop\\)"):
+        _prepare(images, out)  # the default crop is adm now: another preparation

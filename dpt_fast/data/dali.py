@@ -239,7 +239,7 @@ class ImageDecoder:
             images[flip] = images[flip, :, :, ::-1]
         out = torch.from_numpy(np.ascontiguousarray(images))
         if self.device is not None and self.device.type == "cuda":
-            out = out.to(self.device, non_blocking=True)
+            out = out.pin_memory().to(self.device, non_blocking=True)  # a real asynchronous copy
         return np.array([p for p, _ in keep], dtype=np.int64), out
 
     def _iter_pil(self, pool) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
