@@ -6,11 +6,11 @@
 Rows are synthetic backbone-like features (class means + noise, centred and L2-normalised as BackboneSpace
 writes them; at 768 dims and 1,000 classes the noise leaves the nearest true mean right 57 % of the time, about
 DPT's 1-label top-1); how many L-BFGS iterations a fit needs depends on the data, so real MSN features can take
-more or fewer (`logreg_iterations` in extra_info, and in stage{1,3}/metrics.json of a real run). Shapes: `stage1` = ImageNet with 2 labels per class (2,000 x 768 -> 1,000 classes, ViT-B/4 width),
-`stage3` = 2 labels + K = 128 generated images per class (130,000 rows; `stage3_tenth`: 13 per class, for
-CPUs), `label` = pseudo-labels of all
-1,281,167 ImageNet training rows (`label_quarter`: a quarter of them, for CPUs with little memory). `small`
-is a quick shape that runs on every CPU.
+more or fewer (`logreg_iterations` in extra_info, and in stage{1,3}/metrics.json of a real run).
+Shapes: `stage1` = ImageNet with 2 labels per class (2,000 x 768 -> 1,000 classes, ViT-B/4 width), `stage3` =
+2 labels + K = 128 generated images per class (130,000 rows; `stage3_tenth`: 13 per class, for CPUs), `label` =
+pseudo-labels of all 1,281,167 ImageNet training rows (`label_quarter`: a quarter of them, for CPUs with little
+memory). `small` is a quick shape that runs on every CPU.
 """
 import os
 

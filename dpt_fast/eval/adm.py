@@ -325,12 +325,14 @@ def inception_score(logits: np.ndarray) -> tuple[float, float]:
     return float(m[KEY_METRIC_ISC_MEAN]), float(m[KEY_METRIC_ISC_STD])
 
 
-def precision_recall(samples: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
-    """torch-fidelity's improved precision / recall (k = 3) of sample pool features against the reference's."""
+def precision_recall(samples: np.ndarray, reference: np.ndarray, device: torch.device | str = "cpu"
+                     ) -> tuple[float, float]:
+    """torch-fidelity's improved precision / recall (k = 3) of sample pool features against the reference's;
+    the pairwise distances (50,000 x 50,000 for FID-50K) are computed on `device`, 10,000 rows at a time."""
     from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
 
-    m = prc_features_to_metric(torch.from_numpy(samples), torch.from_numpy(reference), prc_neighborhood=3,
-                               prc_batch_size=10000, save_cpu_ram=True, verbose=False)
+    m = prc_features_to_metric(torch.from_numpy(samples).to(device), torch.from_numpy(reference).to(device),
+                               prc_neighborhood=3, prc_batch_size=10000, save_cpu_ram=True, verbose=False)
     return float(m[KEY_METRIC_PRECISION]), float(m[KEY_METRIC_RECALL])
 
 
@@ -426,11 +428,12 @@ def evaluate(samples: str | os.PathLike, reference: str | os.PathLike, inception
     if "fid" in metrics:
         out["fid"] = frechet_distance(statistics(feats[POOL]), ref_stats)
     if "sfid" in metrics:
-        out["sfid"] = frechet_distance(statistics(feats[SPATIAL]), {"mu": ref_stats["mu_s"], "sigma": ref_stats["sigma_s"]})
+        ref_spatial = {"mu": ref_stats["mu_s"], "sigma": ref_stats["sigma_s"]}
+        out["sfid"] = frechet_distance(statistics(feats[SPATIAL]), ref_spatial)
     if "is" in metrics:
         out["is"], out["is_std"] = inception_score(feats[LOGITS])
     if "prc" in metrics:
-        out["precision"], out["recall"] = precision_recall(feats[POOL], ref_stats["pool"])
+        out["precision"], out["recall"] = precision_recall(feats[POOL], np.asarray(ref_stats["pool"], np.float32), dev)
     if "kid" in metrics:
         out["kid"], out["kid_std"] = kernel_inception_distance(feats[POOL], ref_stats["pool"])
     return {**out, "num_samples": smp.count, "num_reference": ref.count, "reference_statistics": how,

@@ -80,10 +80,10 @@ def fit_paper_logreg(x, y, num_classes: int, lam: Optional[float] = None, sample
     X = _rows(x).to(device, torch.float64)
     Y = _rows(np.asarray(y, np.int64)).to(device)
     n, d = X.shape
-    W8 = torch.ones(n, dtype=torch.float64, device=device) if sample_weight is None else \
+    weights = torch.ones(n, dtype=torch.float64, device=device) if sample_weight is None else \
         _rows(np.asarray(sample_weight, np.float64)).to(device)
     lam = PAPER_LAMBDA / n if lam is None else float(lam)
-    obj = _Objective(X, Y, W8, num_classes, lam, max(1, chunk_bytes // (8 * num_classes)))
+    obj = _Objective(X, Y, weights, num_classes, lam, max(1, chunk_bytes // (8 * num_classes)))
     W = torch.zeros(d, num_classes, dtype=torch.float64, device=device, requires_grad=True)
     opt = torch.optim.LBFGS([W], lr=1, max_iter=check_every, max_eval=25 * check_every, history_size=20,
                             tolerance_grad=0.0, tolerance_change=0.0, line_search_fn="strong_wolfe")
