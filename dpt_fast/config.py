@@ -51,7 +51,8 @@ class SplitConfig:
 
 @dataclass
 class Stage1Config:
-    method: str = "simclr_umap"  # simclr_umap | pca_logreg | features (frozen timm backbone, the paper's recipe)
+    # simclr_umap | pca_logreg | features (a frozen backbone: MSN or timm, + the paper's logistic regression)
+    method: str = "simclr_umap"
     ssl_epochs: int = 20  # SimCLR epochs over the training images
     ssl_batch_size: int = 256
     ssl_lr: float = 1e-3
@@ -68,12 +69,16 @@ class Stage1Config:
     # 1 for simclr_umap and pca_logreg, 400 for features (= the paper's lambda = 0.0025 / N).
     logreg_c: float = 0.0
     pca_dim: int = 50  # pca_logreg only
-    backbone: str = ""  # features only: a timm model name, e.g. vit_base_patch16_224
-    backbone_weights: str = ""  # features only: local weights file (safetensors or .pth); nothing is downloaded
-    backbone_image_size: int = 0  # features only: input side in pixels; 0 = the model's default (ViTs only)
-    # features only: central fraction of each image the backbone sees (then resized to its input side);
-    # 0.875 on 256 px crops = the usual Resize(256) + CenterCrop(224) evaluation transform of MSN / DPT.
-    backbone_crop: float = 1.0
+    # features only: "msn" (an official MSN checkpoint, DPT's stage-1 feature) or a timm model name
+    backbone: str = ""
+    backbone_weights: str = ""  # features only: local weights file (safetensors or .pth/.pth.tar); nothing is downloaded
+    backbone_image_size: int = 0  # features only: input side in pixels; 0 = the model's (224 for MSN)
+    # features only: Resize(round(side / crop)) + CenterCrop(side) before the backbone; 0 = the backbone's own:
+    # 0.875 for msn (Resize 256 + CenterCrop 224, MSN's / DPT's evaluation transform), 1.0 for timm models.
+    backbone_crop: float = 0.0
+    # features only: auto (bf16 autocast + TF32 on CUDA, fp32 on CPU) | fp32 | tf32 | bf16 | fp16 (the official
+    # accelerate --mixed_precision fp16)
+    backbone_precision: str = "auto"
     backbone_batch_size: int = 128  # features only: images per backbone forward pass
 
 
@@ -214,6 +219,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.name": ("mnist5k", "digits", "imagefolder", "cifar10", "mnist_idx", "latents"),
     "data.on_bad_image": ("skip", "error"),
     "stage1.method": ("simclr_umap", "pca_logreg", "features"),
+    "stage1.backbone_precision": ("auto", "fp32", "tf32", "bf16", "fp16"),
     "model.conditioning": ("token", "adaln"),
     "model.pos_embed_init": ("", "trunc_normal", "sincos"),
     "diffusion.schedule": ("linear", "discrete"),
@@ -480,7 +486,7 @@ def validate(cfg: Config) -> None:
         ("stage1.knn_transform", cfg.stage1.knn_transform >= 1, "must be >= 1"),
         ("stage1.backbone_image_size", cfg.stage1.backbone_image_size >= 0, "must be >= 0 (0 = the model's)"),
         ("stage1.logreg_c", cfg.stage1.logreg_c >= 0, "must be >= 0 (0 = the method's default)"),
-        ("stage1.backbone_crop", 0.0 < cfg.stage1.backbone_crop <= 1.0, "must be in (0, 1]"),
+        ("stage1.backbone_crop", 0.0 <= cfg.stage1.backbone_crop <= 1.0, "must be in (0, 1] (0 = the backbone's)"),
         ("stage1.backbone_batch_size", cfg.stage1.backbone_batch_size >= 1, "must be >= 1"),
         ("stage3.logreg_c", cfg.stage3.logreg_c >= 0, "must be >= 0 (0 = stage 1's)"),
         ("stage3.generated_weight", cfg.stage3.generated_weight >= 0, "must be >= 0"),

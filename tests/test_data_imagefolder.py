@@ -402,3 +402,56 @@ def test_a_streamed_folder_trains_exactly_like_the_in_memory_one_and_resumes_exa
     assert data.real_images().shape == (3, 3, 8, 8)  # the held-out tenth, decoded for FID
     data = _load_data(cfg, torch.device("cpu"), progress=False)
     assert isinstance(data.x, torch.Tensor) and torch.equal(data.x, to_float(load_imagefolder(cfg.data, False).x_train))
+
+
+def _official_center_crop_arr(pil_image, image_size):
+    """guided-diffusion (ADM) / U-ViT / DPT datasets.py `center_crop_arr`, copied as the reference."""
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    crop_y = (arr.shape[0] - image_size) // 2
+    crop_x = (arr.shape[1] - image_size) // 2
+    return arr[crop_y : crop_y + image_size, crop_x : crop_x + image_size]
+
+
+def _official(path, fn):
+    with Image.open(path) as im:
+        im.load()
+        return fn(im.convert("RGB")).transpose(2, 0, 1).astype(np.int16)
+
+
+@pytest.mark.parametrize("size", [16, 64])
+def test_adm_crop_is_the_official_center_crop_arr_whatever_the_backend(tmp_path, size):
+    """Sizes from 20x28 (upscaled) to 500x375 (halved twice at 64 px), JPEG and PNG modes: identical pixels."""
+    _parity_set(tmp_path)
+    index = scan_imagefolder(tmp_path, progress=False)
+    for backend in ("pil", "dali_cpu") if dali_available() else ("pil",):
+        got = {}
+        for pos, images in ImageDecoder(index.entries(), size, batch_size=8, backend=backend, crop="adm"):
+            got.update({int(p): im.numpy().astype(np.int16) for p, im in zip(pos, images)})
+        for i, (path, _, _) in enumerate(index.entries()):
+            assert np.array_equal(got[i], _official(path, lambda im: _official_center_crop_arr(im, size))), path
+
+
+@pytest.mark.parametrize("resize,size", [(36, 32), (73, 64)])
+def test_eval_crop_is_torchvision_resize_then_center_crop(tmp_path, resize, size):
+    """MSN / DPT's feature transform (Resize(256) + CenterCrop(224) at full size): PIL path identical to
+    torchvision's own transforms; DALI samples the same box with its linear filter."""
+    import torchvision.transforms as T
+
+    _parity_set(tmp_path)
+    index = scan_imagefolder(tmp_path, progress=False)
+    official = T.Compose([T.Resize(resize), T.CenterCrop(size), np.asarray])
+    backends = ("pil", "dali_cpu") if dali_available() else ("pil",)
+    for backend in backends:
+        got = {}
+        for pos, images in ImageDecoder(index.entries(), size, batch_size=8, backend=backend, crop="eval",
+                                        resize=resize):
+            got.update({int(p): im.numpy().astype(np.int16) for p, im in zip(pos, images)})
+        diff = [np.abs(got[i] - _official(path, official)) for i, (path, _, _) in enumerate(index.entries())]
+        if backend == "pil":
+            assert max(d.max() for d in diff) == 0
+        else:
+            assert max(d.max() for d in diff) <= 1 and np.mean([d.mean() for d in diff]) < 0.25

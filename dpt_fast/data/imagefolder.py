@@ -9,14 +9,23 @@ ImageFolder). Labels travel with the files: every file is validated *before* any
 file that is not a decodable JPEG/PNG is removed from the index (listed in `index.skipped` with the reason)
 or, with `on_bad_image="error"`, stops the scan with a one-line `UserError` naming it.
 
-Pixels. Both decoders (DALI and PIL) produce exactly this: decode to 8-bit RGB ignoring EXIF orientation
-(grayscale replicated, CMYK converted, alpha dropped, 16-bit samples rounded to 8 bits), resize so the
-*shorter* side is `size` (long side rounded half up) with an antialiased bilinear (triangle) filter that
-clamps at the image border, then crop the centre `size` x `size` at integer offsets ((W' - size) // 2,
-(H' - size) // 2). Resize and crop are fused: the crop is a box in source coordinates (`crop_box`), which
-both DALI's `fn.resize(roi_start, roi_end)` and PIL's `resize(box=...)` take, so they sample the same points.
-This is not the ADM/U-ViT `center_crop_arr` (repeated 2x box halving, then bicubic): no DALI filter
-reproduces that chain, and parity between the decoders matters more here than matching a third pipeline.
+Pixels. Decoding gives 8-bit RGB ignoring EXIF orientation (grayscale replicated, CMYK converted, alpha
+dropped, 16-bit samples rounded to 8 bits), then one of three crops (`CROPS`, the `crop` argument of
+`decode_pil` and `ImageDecoder`):
+
+- "center": resize so the *shorter* side is `size` (long side rounded half up) with an antialiased bilinear
+  (triangle) filter that clamps at the image border, then crop the centre `size` x `size` at integer offsets
+  ((W' - size) // 2, (H' - size) // 2). Resize and crop are fused: the crop is a box in source coordinates
+  (`crop_box`), which both DALI's `fn.resize(roi_start, roi_end)` and PIL's `resize(box=...)` take, so DALI
+  (GPU or CPU) and PIL give the same pixels. The fast path, and the in-memory ImageFolders' crop.
+- "adm": ADM's / U-ViT's / DPT's `center_crop_arr` (`adm_center_crop`): halve with PIL BOX while the short
+  side is at least 2 * size, resize the short side to `size` with PIL BICUBIC (long side Python-rounded),
+  crop the centre (floor offsets). What the official latents and the ADM reference batches were made with;
+  PIL only (no DALI filter reproduces the chain), so `ImageDecoder` decodes "adm" with PIL threads.
+- "eval": torchvision's `Resize(resize)` + `CenterCrop(size)` on a PIL image (`eval_resize_crop`): the short
+  side to `resize` (long side truncated), PIL BILINEAR, then the centre at round((W' - size) / 2) offsets --
+  the MSN / DPT feature transform (Resize 256, CenterCrop 224). DALI samples the same box (`eval_crop_box`)
+  with its linear filter (at most a grey level or so from PIL's).
 """
 from __future__ import annotations
 
@@ -35,6 +44,7 @@ from ..utils import UserError, log
 from .embedded import ArrayDataset
 
 FORMATS = ("JPEG", "PNG")
+CROPS = ("center", "adm", "eval")
 # Modes PIL opens JPEG/PNG files in, all of which both decoders turn into the same 8-bit RGB.
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I")
 _PARALLEL_MIN_FILES = 512  # below this, validating in-process is faster than starting workers
@@ -324,14 +334,67 @@ def resize_crop(rgb: np.ndarray, size: int) -> np.ndarray:
     return np.array(out)  # writable
 
 
-def decode_pil(path: str | os.PathLike, size: int) -> np.ndarray:
-    """Decode, resize and center-crop one file with PIL -> uint8 [size, size, 3]. Raises BadImage."""
+def adm_center_crop(im: Image.Image, size: int) -> np.ndarray:
+    """ADM's `center_crop_arr` (guided-diffusion, used by U-ViT and DPT): RGB PIL image -> uint8 [size, size, 3].
+
+    Halving with BOX first is what PIL's `reducing_gap` does in newer versions; ADM does it by hand.
+    """
+    while min(im.size) >= 2 * size:
+        im = im.resize((im.size[0] // 2, im.size[1] // 2), resample=Image.BOX)
+    scale = size / min(im.size)
+    im = im.resize((round(im.size[0] * scale), round(im.size[1] * scale)), resample=Image.BICUBIC)
+    a = np.asarray(im)
+    top, left = (a.shape[0] - size) // 2, (a.shape[1] - size) // 2
+    return np.array(a[top:top + size, left:left + size])  # writable
+
+
+def eval_resized(width: int, height: int, resize: int) -> tuple[int, int]:
+    """torchvision `Resize(resize)`'s output (width, height): the short side `resize`, the long one truncated."""
+    if width <= height:
+        return resize, int(resize * height / width)
+    return int(resize * width / height), resize
+
+
+def eval_offsets(width: int, height: int, resize: int, size: int) -> tuple[int, int]:
+    """(left, top) of torchvision's `CenterCrop(size)` after `Resize(resize)` (Python's round, half to even)."""
+    rw, rh = eval_resized(width, height, resize)
+    return int(round((rw - size) / 2.0)), int(round((rh - size) / 2.0))
+
+
+def eval_crop_box(width: int, height: int, resize: int, size: int) -> tuple[float, float, float, float]:
+    """Source box (x0, y0, x1, y1) of `Resize(resize)` + `CenterCrop(size)`, for DALI's ROI resize."""
+    rw, rh = eval_resized(width, height, resize)
+    left, top = eval_offsets(width, height, resize, size)
+    sx, sy = width / rw, height / rh
+    return left * sx, top * sy, (left + size) * sx, (top + size) * sy
+
+
+def eval_resize_crop(im: Image.Image, resize: int, size: int) -> np.ndarray:
+    """torchvision `Resize(resize)` + `CenterCrop(size)` (bilinear, as on PIL images) -> uint8 [size, size, 3]."""
+    if resize < size:
+        raise ValueError(f"resize {resize} < crop {size}")
+    rw, rh = eval_resized(*im.size, resize)
+    left, top = eval_offsets(*im.size, resize, size)
+    if (rw, rh) != im.size:  # torchvision returns the image itself when it already has that size
+        im = im.resize((rw, rh), Image.BILINEAR)
+    return np.array(np.asarray(im)[top:top + size, left:left + size])
+
+
+def decode_pil(path: str | os.PathLike, size: int, crop: str = "center", resize: int = 0) -> np.ndarray:
+    """Decode one file with PIL and crop it (`crop`: see CROPS; `resize` is "eval"'s) -> uint8 [size, size, 3].
+    Raises BadImage."""
     with _reason():
         with open(path, "rb") as f, Image.open(f) as im:
             _check_format(im)
             im.load()
             rgb = to_rgb(im)
-    return resize_crop(rgb, size)
+    if crop == "center":
+        return resize_crop(rgb, size)
+    if crop == "adm":
+        return adm_center_crop(Image.fromarray(rgb), size)
+    if crop == "eval":
+        return eval_resize_crop(Image.fromarray(rgb), resize, size)
+    raise ValueError(f"crop={crop!r} is not one of {CROPS}")
 
 
 # ----------------------------------------------------------------------------------------------

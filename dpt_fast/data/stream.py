@@ -87,18 +87,26 @@ class ArraySource:
 
 
 class FolderSource:
-    """The files of an `ImageIndex`, decoded at `size` (resize the short side, centre crop; see imagefolder).
+    """The files of an `ImageIndex`, decoded at `size` with `crop` (see `imagefolder.CROPS`; "eval" is
+    torchvision's Resize(`resize`) + CenterCrop(`size`)).
 
     The index must come from `scan_imagefolder` (every file validated). A file that fails to decode now has
     changed since: that is a UserError, never a skipped row, because rows are aligned with other arrays.
     """
 
-    def __init__(self, index, size: int, device: torch.device | str | None = None):
-        self.index, self.size = index, size
+    def __init__(self, index, size: int, device: torch.device | str | None = None, crop: str = "center",
+                 resize: int = 0):
+        self.index, self.size, self.crop, self.resize = index, size, crop, resize
         self.device = torch.device(device) if device is not None else None
         self.backend: Optional[str] = None  # chosen (and logged) on first use
-        self.identity = _sha("folder", str(size), "\n".join(index.files), index.labels.tobytes(),
+        # (the "center" crop's identity is as before crops had names, so existing feature caches stay valid)
+        geometry = str(size) if crop == "center" else f"{size}:{crop}:{resize}"
+        self.identity = _sha("folder", geometry, "\n".join(index.files), index.labels.tobytes(),
                              np.ascontiguousarray(index.sizes, np.int32).tobytes())
+
+    def with_crop(self, size: int, crop: str, resize: int = 0) -> "FolderSource":
+        """The same files decoded another way (e.g. a backbone's own transform)."""
+        return FolderSource(self.index, size, self.device, crop, resize)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -113,7 +121,7 @@ class FolderSource:
             self.backend = select_backend(self.device)
         positions = np.asarray(positions, dtype=np.int64)
         dec = ImageDecoder(self.index.entries(positions), self.size, batch_size=batch_size, backend=self.backend,
-                           device=self.device, on_bad_image="skip")
+                           device=self.device, on_bad_image="skip", crop=self.crop, resize=self.resize)
         for pos, images in dec:
             if dec.failed:
                 p, reason = dec.failed[0]
@@ -296,8 +304,9 @@ def _open_prepared(data_cfg, device, progress: bool) -> RealData:
     size = int(m["resolution"])
     log.info("data: %d training images (latents %s, images %s), %d test images (%s), %d px", len(index), root,
              index.root, len(test), test_root, size)
-    return RealData("latents", list(index.classes), FolderSource(index, size, device), labels,
-                    FolderSource(test, size, device), test.labels, files=list(index.files),
+    crop = m.get("crop", "center")  # prepared before crops had names: the "center" crop
+    return RealData("latents", list(index.classes), FolderSource(index, size, device, crop), labels,
+                    FolderSource(test, size, device, crop), test.labels, files=list(index.files),
                     skipped=tuple(m.get("skipped", [])))
 
 
