@@ -77,6 +77,7 @@ def test_check_images(benchmark, cpu_set, tmp_path):
     benchmark.extra_info.update(images=len(index), images_per_second=len(index) / benchmark.stats.stats.mean)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or not dali_available(), reason="needs CUDA and DALI")
 def test_decode_crop_dali_gpu(benchmark, tmp_path_factory):
     index = _folder(tmp_path_factory.mktemp("jpegs_gpu"), GPU_IMAGES)

@@ -1,11 +1,14 @@
-"""A full U-ViT training step: forward, epsilon-MSE loss, backward, AdamW step (the stage-2 inner loop).
+"""A U-ViT training step: the bare step (forward, epsilon-MSE loss, backward, AdamW) and the real stage-2 loop.
 
     pytest bench/bench_uvit.py --benchmark-only --benchmark-columns=mean,stddev,rounds --benchmark-verbose
 
-CPU: the embedded presets (uvit_digits batch 64, uvit_mnist batch 16), fp32. GPU: U-ViT-L/2 and U-ViT-H/2
-on latent-256 (4x32x32, 258 tokens), batch 128, bf16 autocast, with the Triton kernels (`kernels`), without
-them (`reference`) and under torch.compile (`compiled`). extra_info: images/s and, on GPU, model TFLOP/s
-(3 x forward matmul FLOPs, `UViT.forward_flops`). For MFU on a named GPU see bench/profile_uvit.py.
+`train_step`: the bare step. CPU: the embedded presets (uvit_digits batch 64, uvit_mnist batch 16), fp32. GPU:
+U-ViT-L/2 and U-ViT-H/2 on latent-256 (4x32x32, 258 tokens), batch 128, bf16 autocast, with the Triton kernels
+(`kernels`), without them (`reference`) and under torch.compile (`compiled`). extra_info: images/s and, on GPU,
+model TFLOP/s (3 x forward matmul FLOPs, `UViT.forward_flops`).
+`train_loop`: the real `train_diffusion` loop around the same step (per-step draws, data gather, gradient clipping,
+EMA, the loss window; `dpt_fast.profile.profile_train`), same shapes; its steady-state images/s is in extra_info
+(the benchmark's own time includes building the model). For MFU: `python -m dpt_fast.profile`.
 """
 import os
 
@@ -13,6 +16,7 @@ import pytest
 import torch
 
 from dpt_fast.models import UVIT_PRESETS, UViT
+from dpt_fast.profile import profile_train
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -20,7 +24,8 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 def make_train_step(preset, batch, device, bf16=False, compiled=False, num_classes=11, use_checkpoint=False):
     """A closure running one training step of `preset` on random data, plus the model."""
     torch.manual_seed(0)
-    model = UViT(**UVIT_PRESETS[preset], num_classes=num_classes, use_checkpoint=use_checkpoint).to(device)
+    with torch.device(device):  # initialised where it runs: filling U-ViT-H/2 on a CPU takes seconds
+        model = UViT(**UVIT_PRESETS[preset], num_classes=num_classes, use_checkpoint=use_checkpoint)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=0.03, betas=(0.99, 0.99),
                             fused=device == "cuda")
     net = torch.compile(model) if compiled else model
@@ -67,3 +72,19 @@ def test_uvit_train_step_gpu_latent256(benchmark, sync, rate, monkeypatch, prese
     rate(3 * model.forward_flops() * batch, "TFLOP/s", 1e-12)
     benchmark.extra_info["max_memory_GiB"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 1)
     benchmark.extra_info["attention"] = os.environ.get("DPT_FAST_ATTN", "auto")
+
+
+@pytest.mark.parametrize("preset, batch", [("uvit_digits", 64)])
+def test_uvit_train_loop_cpu(benchmark, preset, batch):
+    torch.set_num_threads(1)
+    r = benchmark.pedantic(profile_train, args=(preset, batch, 5, "cpu"), rounds=1, iterations=1)
+    benchmark.extra_info["images/s"] = round(r["images_per_second"], 1)
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["uvit_l2_latent256", "uvit_h2_latent256"])
+def test_uvit_train_loop_gpu_latent256(benchmark, preset):
+    r = benchmark.pedantic(profile_train, args=(preset, 128, 10, "cuda"), rounds=1, iterations=1)
+    benchmark.extra_info.update({"images/s": round(r["images_per_second"], 1), "TFLOP/s": round(r["tflops"], 1),
+                                 "max_memory_GiB": round(r["peak_memory_bytes"] / 2**30, 1)})

@@ -37,6 +37,9 @@ class DataConfig:
     test_root: str = ""
     # latents: the ImageFolder the latents were prepared from, when it is no longer at the manifest's `root`.
     image_root: str = ""
+    # imagefolder, stage 2: true decodes the training images batch by batch while training (DALI, on the GPU with
+    # CUDA) instead of holding them in memory; None (unset) streams when they would take more than 16 GiB as uint8.
+    stream: Optional[bool] = None
 
 
 @dataclass
@@ -49,7 +52,8 @@ class SplitConfig:
 
 @dataclass
 class Stage1Config:
-    method: str = "simclr_umap"  # simclr_umap | pca_logreg | features (frozen timm backbone, the paper's recipe)
+    # simclr_umap | pca_logreg | features (a frozen backbone: MSN or timm, + the paper's logistic regression)
+    method: str = "simclr_umap"
     ssl_epochs: int = 20  # SimCLR epochs over the training images
     ssl_batch_size: int = 256
     ssl_lr: float = 1e-3
@@ -66,12 +70,16 @@ class Stage1Config:
     # 1 for simclr_umap and pca_logreg, 400 for features (= the paper's lambda = 0.0025 / N).
     logreg_c: float = 0.0
     pca_dim: int = 50  # pca_logreg only
-    backbone: str = ""  # features only: a timm model name, e.g. vit_base_patch16_224
-    backbone_weights: str = ""  # features only: local weights file (safetensors or .pth); nothing is downloaded
-    backbone_image_size: int = 0  # features only: input side in pixels; 0 = the model's default (ViTs only)
-    # features only: central fraction of each image the backbone sees (then resized to its input side);
-    # 0.875 on 256 px crops = the usual Resize(256) + CenterCrop(224) evaluation transform of MSN / DPT.
-    backbone_crop: float = 1.0
+    # features only: "msn" (an official MSN checkpoint, DPT's stage-1 feature) or a timm model name
+    backbone: str = ""
+    backbone_weights: str = ""  # features only: local weights file (safetensors or .pth/.pth.tar); nothing is downloaded
+    backbone_image_size: int = 0  # features only: input side in pixels; 0 = the model's (224 for MSN)
+    # features only: Resize(round(side / crop)) + CenterCrop(side) before the backbone; 0 = the backbone's own:
+    # 0.875 for msn (Resize 256 + CenterCrop 224, MSN's / DPT's evaluation transform), 1.0 for timm models.
+    backbone_crop: float = 0.0
+    # features only: auto (bf16 autocast + TF32 on CUDA, fp32 on CPU) | fp32 | tf32 | bf16 | fp16 (the official
+    # accelerate --mixed_precision fp16)
+    backbone_precision: str = "auto"
     backbone_batch_size: int = 128  # features only: images per backbone forward pass
 
 
@@ -137,6 +145,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 50
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    compile: bool = False  # torch.compile the model (first steps compile; the weights match eager up to rounding)
 
 
 @dataclass
@@ -152,6 +161,7 @@ class SampleConfig:
     cfg_scale: float = 0.4  # U-ViT/DPT convention: eps = eps_c + s * (eps_c - eps_u)
     backend: str = "auto"  # auto | cpp | python: the per-step update
     cuda_graph: bool = True
+    precision: str = "auto"  # the network's: auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16; solver state fp32
 
 
 @dataclass
@@ -218,12 +228,14 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.name": ("mnist5k", "digits", "imagefolder", "cifar10", "mnist_idx", "latents"),
     "data.on_bad_image": ("skip", "error"),
     "stage1.method": ("simclr_umap", "pca_logreg", "features"),
+    "stage1.backbone_precision": ("auto", "fp32", "tf32", "bf16", "fp16"),
     "model.conditioning": ("token", "adaln"),
     "model.pos_embed_init": ("", "trunc_normal", "sincos"),
     "diffusion.schedule": ("linear", "discrete"),
     "diffusion.prediction": ("eps", "v"),
     "train.precision": ("auto", "fp32", "bf16"),
     "train.weight_decay_on": ("matrices", "all"),
+    "sample.precision": ("auto", "fp32", "bf16"),
     "sample.method": ("multistep", "singlestep", "singlestep_fixed"),
     "sample.algorithm": ("dpmsolver", "dpmsolver++"),
     "sample.skip_type": ("time_uniform", "logSNR", "time_quadratic"),
@@ -479,7 +491,7 @@ def validate(cfg: Config) -> None:
         ("stage1.logreg_c", s1.logreg_c >= 0, "must be >= 0 (0 = the method's default)"),
         ("stage1.pca_dim", s1.pca_dim >= 1, "must be >= 1"),
         ("stage1.backbone_image_size", s1.backbone_image_size >= 0, "must be >= 0 (0 = the model's)"),
-        ("stage1.backbone_crop", 0.0 < s1.backbone_crop <= 1.0, "must be in (0, 1]"),
+        ("stage1.backbone_crop", 0.0 <= s1.backbone_crop <= 1.0, "must be in [0, 1] (0 = the backbone's)"),
         ("stage1.backbone_batch_size", s1.backbone_batch_size >= 1, "must be >= 1"),
         *[(f"model.{k}", getattr(m, k) >= 0, "must be >= 0 (0 = the preset's)")
           for k in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio")],

@@ -4,6 +4,7 @@ error propagation.
     rank, world, device = setup_distributed(device)   # once per process, before any collective
     rank, world = rank_world()                        # (0, 1) when not distributed
     barrier()                                         # no-op when not distributed
+    long_barrier()                                    # the same, waiting up to 2 h (rank 0 doing slow I/O alone)
     result = run_on_rank0(fn, *args)                  # fn runs on rank 0 only; every rank gets its result
     report_failure(message)                           # this rank failed: every other rank stops too
 
@@ -192,6 +193,24 @@ def shutdown() -> None:
         _state["stopped"] = True
         dist.barrier()
         dist.destroy_process_group()
+
+
+_LONG_GROUPS: dict[float, object] = {}
+
+
+def long_barrier(timeout: timedelta = timedelta(hours=2)) -> None:
+    """A barrier in which the ranks wait up to `timeout` instead of the process group's collective timeout (NCCL's
+    default is 10 minutes): for the ranks that wait while rank 0 alone does slow I/O (a large checkpoint's write).
+    It runs on a gloo group of its own, created by the first call (which every rank makes at the same point)."""
+    if not is_distributed():
+        return
+    _watch()
+    _raise_if_failed()
+    key = timeout.total_seconds()
+    if key not in _LONG_GROUPS:
+        _LONG_GROUPS[key] = dist.new_group(backend="gloo", timeout=timeout)
+    dist.barrier(group=_LONG_GROUPS[key])
+    _raise_if_failed()
 
 
 def launched_by_torchrun() -> bool:

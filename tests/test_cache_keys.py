@@ -46,6 +46,7 @@ AFFECTS: dict[str, set[str]] = {
     "data.on_bad_image": S1 | SSL | WEIGHTS,
     "data.test_root": S1 | SSL,  # stage 2 trains on the training images only (a new split shows in the labels)
     "data.image_root": S1 | SSL,
+    "data.stream": S1,  # decode the images while stage 2 trains or hold them: the same batches
     "split.labels_per_class": S1,  # the encoder and UMAP never see labels; stage 2 keys on the labels themselves
     "split.fraction": S1,
     "split.seed": S1,
@@ -70,6 +71,7 @@ AFFECTS: dict[str, set[str]] = {
     "stage1.backbone_image_size": S1,
     "stage1.backbone_crop": S1,
     "stage1.backbone_batch_size": S1,
+    "stage1.backbone_precision": S1,
     **{f"model.{k}": S2 | WEIGHTS for k in ("preset", "img_size", "patch_size", "in_chans", "embed_dim", "depth",
                                              "num_heads", "mlp_ratio", "qkv_bias", "mlp_time_embed", "conv", "skip",
                                              "conditioning", "pos_embed_init")},
@@ -80,10 +82,12 @@ AFFECTS: dict[str, set[str]] = {
     "train.ckpt_every": S2,
     "train.keep_checkpoints": S2,
     "train.log_every": S2,
+    "train.compile": S2,  # torch.compile: the same weights up to rounding
     **{f"train.{k}": S2 | WEIGHTS for k in ("batch_size", "lr", "weight_decay", "weight_decay_on", "betas",
                                              "warmup_steps", "warmup_from_zero", "ema_decay", "ema_warmup",
                                              "p_uncond", "grad_clip", "t_min", "precision")},
     **{f"sample.{k}": S2 | GEN for k in ("steps", "order", "method", "algorithm", "skip_type", "cfg_scale", "t_end")},
+    "sample.precision": S2 | GEN,  # (flipped fp32 -> bf16: 'auto' resolves per device)
     "sample.backend": S2,  # the C++ and Python updates are the same formula (tests/test_dpm_solver.py parity)
     "sample.cuda_graph": S2,
     "gen.k_per_class": S2,  # image j does not depend on K: a larger K keeps the finished shards
@@ -111,8 +115,15 @@ def _keys(obj=None, prefix=""):
             yield f"{prefix}{f.name}", hints[f.name]
 
 
+# Keys whose default resolves differently per device: compared between these two values instead.
+BASE = {"sample.precision": "fp32"}
+FLIP = {"sample.precision": "bf16"}
+
+
 def _flipped(key, typ, value):
     """Another value of the key's type (not validated: fingerprints do not need valid configs)."""
+    if key in FLIP:
+        return FLIP[key]
     if key in CHOICES:
         return next(c for c in CHOICES[key] if c != value)
     if typ is bool or typing.get_origin(typ) is typing.Union:  # bool or Optional[bool]
@@ -171,6 +182,9 @@ def test_flipping_a_key_invalidates_exactly_the_caches_that_read_it(key, typ, tm
     if key not in AFFECTS:
         pytest.fail(f"config key {key!r} is not classified: add it to AFFECTS in {__file__}")
     base, cfg = load_config("digits"), load_config("digits")
+    for c in (base, cfg):
+        for k, v in BASE.items():
+            _set(c, k, v)
     *path, last = key.split(".")
     section = cfg
     for p in path:

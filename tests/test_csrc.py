@@ -1,4 +1,7 @@
 """The C++/CUDA fused step update against its PyTorch reference, for every step of every solver."""
+import os
+import struct
+
 import pytest
 import torch
 
@@ -108,6 +111,48 @@ def test_bad_arguments_are_rejected_with_messages_naming_them():
         dpm_solver_update(x, x, x, hist, good, 5, backend="cpp")
     with pytest.raises(RuntimeError, match="contiguous"):  # the C++ checks, reached directly
         torch.ops.dpt_fast.dpm_solver_update(x, x, x, torch.zeros(2, 3, 2).transpose(1, 2), good, 0)
+
+
+def fatbin_cubins(path) -> dict[int, bytes]:
+    """{sm: cubin ELF} of the CUDA kernels embedded in a shared library (its .nv_fatbin section), read without a
+    GPU or CUDA tools. Fatbin layout: a 16-byte header (magic 0xBA55ED50, u16 version, u16 header size, u64 body
+    size), then entries (u16 kind: 1 PTX, 2 ELF; u16 version; u32 header size; u64 payload size; ...; u32 sm at
+    byte 28)."""
+    data = open(path, "rb").read()
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQ", data, shoff + i * shentsize) for i in range(shnum)]
+    names = sections[shstrndx][4]
+    cubins = {}
+    for name, _, _, _, off, size in sections:
+        if data[names + name: data.index(b"\0", names + name)] != b".nv_fatbin":
+            continue
+        pos = off
+        while pos + 16 <= off + size and struct.unpack_from("<I", data, pos)[0] == 0xBA55ED50:
+            _, _, head, body = struct.unpack_from("<IHHQ", data, pos)
+            e = pos + head
+            while e < pos + head + body:
+                kind, _, ehead, payload = struct.unpack_from("<HHIQ", data, e)
+                if kind == 2:
+                    cubins[struct.unpack_from("<I", data, e + 28)[0]] = data[e + ehead: e + ehead + payload]
+                e += ehead + payload
+            pos = (pos + head + body + 7) // 8 * 8
+    return cubins
+
+
+def test_built_extension_holds_the_sm90_cubin_of_the_update_kernel():
+    """CI builds the CUDA kernels without a GPU (DPT_FAST_BUILD_CUDA=1) and sets DPT_FAST_EXPECT_CUDA_BUILD=1."""
+    if not cpp_available("cpu"):
+        pytest.skip("C++ extension dpt_fast._C not built")
+    import dpt_fast._C
+
+    cubins = fatbin_cubins(dpt_fast._C.__file__)
+    if not cubins and os.environ.get("DPT_FAST_EXPECT_CUDA_BUILD") != "1":
+        pytest.skip("dpt_fast._C was built without CUDA kernels (DPT_FAST_BUILD_CUDA=1 builds them)")
+    assert cpp_available("cuda"), "the CUDA kernel is not registered for the CUDA dispatch key"
+    assert {80, 90} <= set(cubins), f"cubins for sm_{sorted(cubins)}, want sm_80 and sm_90"
+    for sm in (80, 90):
+        assert cubins[sm][:4] == b"\x7fELF" and b"update_kernel" in cubins[sm]
 
 
 def test_backend_choice_can_be_forced_by_the_environment(monkeypatch):

@@ -333,6 +333,7 @@ def test_load_dataset_imagefolder_holds_out_a_tenth_per_class(tmp_path):
     assert not set(ds.train_files) & set(ds.test_files)
 
 
+@pytest.mark.gpu
 @needs_cuda
 @needs_dali
 def test_dali_gpu_matches_pil_within_decoder_tolerance(tmp_path):
@@ -344,3 +345,113 @@ def test_dali_gpu_matches_pil_within_decoder_tolerance(tmp_path):
     assert sorted(gpu) == sorted(pil)
     d = np.concatenate([np.abs(gpu[i] - pil[i]).ravel() for i in gpu])
     assert d.mean() <= 1.0 and (d > 4).mean() <= 0.01, (d.mean(), (d > 4).mean())
+
+
+class _Stop(Exception):
+    pass
+
+
+@needs_dali
+def test_a_streamed_folder_trains_exactly_like_the_in_memory_one_and_resumes_exactly(tmp_path):
+    """data.stream: stage 2's images decoded by DALI (CPU pipeline here) in the trainer's order, step by step."""
+    from dpt_fast.config import load_config
+    from dpt_fast.data import to_float
+    from dpt_fast.data.imagefolder import load_imagefolder, split_imagefolder
+    from dpt_fast.data.stream import TrainingStream
+    from dpt_fast.diffusion import make_schedule
+    from dpt_fast.diffusion.train import train_diffusion
+    from dpt_fast.models import build_uvit
+
+    root = tmp_path / "imgs"
+    for c, level in (("a", 40), ("b", 120), ("c", 200)):
+        (root / c).mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(_texture(12 + i % 3, 10 + 2 * (i % 2), level, i)).save(root / c / f"{i}.{'png' if i % 4 else 'jpg'}")
+    cfg = load_config("digits", ["data.name=imagefolder", f"data.root={root}", "data.image_size=8", "model.in_chans=3",
+                                 "model.embed_dim=32", "model.depth=2", "train.steps=7", "train.batch_size=8",
+                                 "train.ckpt_every=2", "train.log_every=2", "train.warmup_steps=1"])
+    train, test = split_imagefolder(cfg.data, progress=False)
+    assert len(train) == 27  # 3 per epoch-boundary batch: steps 3 and 6 mix two epochs
+    y = torch.from_numpy(train.labels)
+
+    def run(x, name, on_step=None):
+        torch.manual_seed(0)
+        return train_diffusion(build_uvit(cfg.model, 4), x, y, make_schedule(cfg.diffusion), cfg.train, num_classes=3,
+                               seed=0, ckpt_dir=tmp_path / name, fingerprint="fp", device=torch.device("cpu"),
+                               log_dir=tmp_path / name, progress=False, on_step=on_step)
+
+    in_memory = run(to_float(load_imagefolder(cfg.data, False, (train, test)).x_train), "memory")
+
+    def stop_at_5(step):
+        if step == 5:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        run(TrainingStream(train, 8), "stream", on_step=stop_at_5)
+    streamed = run(TrainingStream(train, 8), "stream")
+    assert streamed.start_step == 4
+    for a, b in zip(streamed.ema.state_dict().values(), in_memory.ema.state_dict().values()):
+        assert torch.equal(a, b)
+    assert streamed.history == in_memory.history
+    # Stage 2 streams with data.stream=true (and keeps the folder in memory without it, as it is small).
+    from dpt_fast.stages.stage2 import _load_data
+
+    data = _load_data(load_config("digits", [f"data.root={root}", "data.name=imagefolder", "data.image_size=8",
+                                             "data.stream=true"]), torch.device("cpu"), progress=False)
+    assert isinstance(data.x, TrainingStream) and len(data.x) == 27 and data.shape == (3, 8, 8)
+    assert data.real_images().shape == (3, 3, 8, 8)  # the held-out tenth, decoded for FID
+    data = _load_data(cfg, torch.device("cpu"), progress=False)
+    assert isinstance(data.x, torch.Tensor) and torch.equal(data.x, to_float(load_imagefolder(cfg.data, False).x_train))
+
+
+def _official_center_crop_arr(pil_image, image_size):
+    """guided-diffusion (ADM) / U-ViT / DPT datasets.py `center_crop_arr`, copied as the reference."""
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    crop_y = (arr.shape[0] - image_size) // 2
+    crop_x = (arr.shape[1] - image_size) // 2
+    return arr[crop_y : crop_y + image_size, crop_x : crop_x + image_size]
+
+
+def _official(path, fn):
+    with Image.open(path) as im:
+        im.load()
+        return fn(im.convert("RGB")).transpose(2, 0, 1).astype(np.int16)
+
+
+@pytest.mark.parametrize("size", [16, 64])
+def test_adm_crop_is_the_official_center_crop_arr_whatever_the_backend(tmp_path, size):
+    """Sizes from 20x28 (upscaled) to 500x375 (halved twice at 64 px), JPEG and PNG modes: identical pixels."""
+    _parity_set(tmp_path)
+    index = scan_imagefolder(tmp_path, progress=False)
+    for backend in ("pil", "dali_cpu") if dali_available() else ("pil",):
+        got = {}
+        for pos, images in ImageDecoder(index.entries(), size, batch_size=8, backend=backend, crop="adm"):
+            got.update({int(p): im.numpy().astype(np.int16) for p, im in zip(pos, images)})
+        for i, (path, _, _) in enumerate(index.entries()):
+            assert np.array_equal(got[i], _official(path, lambda im: _official_center_crop_arr(im, size))), path
+
+
+@pytest.mark.parametrize("resize,size", [(36, 32), (73, 64)])
+def test_eval_crop_is_torchvision_resize_then_center_crop(tmp_path, resize, size):
+    """MSN / DPT's feature transform (Resize(256) + CenterCrop(224) at full size): PIL path identical to
+    torchvision's own transforms; DALI samples the same box with its linear filter."""
+    import torchvision.transforms as T
+
+    _parity_set(tmp_path)
+    index = scan_imagefolder(tmp_path, progress=False)
+    official = T.Compose([T.Resize(resize), T.CenterCrop(size), np.asarray])
+    backends = ("pil", "dali_cpu") if dali_available() else ("pil",)
+    for backend in backends:
+        got = {}
+        for pos, images in ImageDecoder(index.entries(), size, batch_size=8, backend=backend, crop="eval",
+                                        resize=resize):
+            got.update({int(p): im.numpy().astype(np.int16) for p, im in zip(pos, images)})
+        diff = [np.abs(got[i] - _official(path, official)) for i, (path, _, _) in enumerate(index.entries())]
+        if backend == "pil":
+            assert max(d.max() for d in diff) == 0
+        else:
+            assert max(d.max() for d in diff) <= 1 and np.mean([d.mean() for d in diff]) < 0.25

@@ -71,7 +71,8 @@ def test_prepare_writes_aligned_latent_shards_and_manifest(images, vae_dir, tmp_
     m = _prepare(images, tmp_path / "lat", vae_dir)
     assert m["num_images"] == 9 and m["num_classes"] == 4 and m["classes"] == ["a", "b", "c", "d"]
     assert m["skipped"] == ["b/broken.jpg"] and m["empty_classes"] == ["d"]
-    assert m["backend"] in ("dali_cpu", "pil") and m["shards"] == ["latents-00000.npy", "latents-00001.npy", "latents-00002.npy"]
+    assert m["crop"] == "adm" and m["backend"] == "pil"  # ADM's center_crop_arr by default: PIL, whatever is installed
+    assert m["shards"] == ["latents-00000.npy", "latents-00001.npy", "latents-00002.npy"]
     assert json.loads((tmp_path / "lat" / "manifest.json").read_text())["num_images"] == 9
     ds = LatentDataset(tmp_path / "lat")
     assert len(ds) == 9 and ds.latent_shape == (4, 8, 8) and ds.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
@@ -79,7 +80,7 @@ def test_prepare_writes_aligned_latent_shards_and_manifest(images, vae_dir, tmp_
     # moments i are the VAE's moments of file i and of its mirror image
     index = scan_imagefolder(images, progress=False)
     vae = load_vae(vae_dir)
-    pos, imgs = next(iter(ImageDecoder(index.entries(), RES, batch_size=9, backend=m["backend"])))
+    pos, imgs = next(iter(ImageDecoder(index.entries(), RES, batch_size=9, backend=m["backend"], crop="adm")))
     want = encode_moments(vae, imgs)  # [9, 2, 8, 8, 8]
     for flip in (0, 1):
         got = ds.moments(np.arange(9), np.full(9, flip))
@@ -213,3 +214,21 @@ def test_vae_single_file_checkpoint_and_decode(vae_dir, tmp_path):
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(UserError, match="no config.json"):
         load_vae(tmp_path / "empty_dir")
+
+
+def test_prepare_center_crop_and_folders_prepared_before_crops_had_names(images, tmp_path):
+    """--crop center keeps the fast DALI/PIL crop; an index.json written before `crop` was a setting is reused as
+    the "center" crop it was made with (images mode: no VAE needed)."""
+    out = tmp_path / "img"
+    m = _prepare(images, out, crop="center")
+    assert m["crop"] == "center" and m["backend"] in ("dali_cpu", "pil")
+    index = scan_imagefolder(images, progress=False)
+    _, want = next(iter(ImageDecoder(index.entries(), RES, batch_size=9, backend="pil")))
+    got = np.concatenate([np.load(out / s) for s in m["shards"]])
+    assert np.abs(got.astype(int) - want.numpy().astype(int)).max() <= 1  # DALI vs PIL: rounding only
+    saved = json.loads((out / "index.json").read_text())
+    del saved["settings"]["crop"]
+    (out / "index.json").write_text(json.dumps(saved))
+    assert _prepare(images, out, crop="center")["num_images"] == 9
+    with pytest.raises(UserError, match="other settings \\(crop\\)"):
+        _prepare(images, out)  # the default crop is adm now: another preparation

@@ -94,6 +94,33 @@ def test_a_rerun_with_everything_done_samples_nothing(tmp_path):
     summary = _gen(tmp_path, model=model)
     assert model.calls == 0 and summary["generated"] == 0 and summary["skipped_shards"] == 4
     assert summary["images_per_second"] > 0  # the last run's rate
+    assert summary["nfe"] == 6  # known from the plan even when nothing was sampled
+    assert summary["cuda_graph"] is False and summary["cuda_graph_fallback"] is None  # CPU: not asked for
+
+
+class _WithLinear(ToyUViT):
+    """ToyUViT followed by a Linear over the pixels: a layer autocast runs in bf16."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(16, 16)
+        with torch.no_grad():
+            self.lin.weight.copy_(torch.eye(16) + 0.01 * torch.randn(16, 16, generator=torch.Generator().manual_seed(1)))
+            self.lin.bias.zero_()
+
+    def forward(self, x, timesteps, y):
+        out = super().forward(x, timesteps, y)
+        return self.lin(out.flatten(1)).view_as(out)
+
+
+def test_sampling_precision_is_part_of_the_generation_identity(tmp_path):
+    assert _gen(tmp_path, model=_WithLinear())["precision"] == "fp32"  # auto on CPU
+    fp32, _ = load_generated(tmp_path)
+    model = _WithLinear()
+    summary = _gen(tmp_path, model=model, precision="bf16")
+    assert summary["precision"] == "bf16" and model.calls == 4 * 6  # not reused: every shard again
+    assert json.loads((tmp_path / "manifest.json").read_text())["identity"]["precision"] == "bf16"
+    assert not np.array_equal(load_generated(tmp_path)[0], fp32)  # the network really ran in bf16
 
 
 def test_changed_settings_regenerate_or_fail_clearly_never_mix(tmp_path):
@@ -230,6 +257,50 @@ def test_bad_sampler_settings_are_one_line_user_errors(tmp_path):
         _gen(tmp_path, steps=2, order=3)
     with pytest.raises(UserError, match="method"):
         _gen(tmp_path, method="adaptive")
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("schedule", ["linear", "discrete"])
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+@pytest.mark.parametrize("cfg_scale", [0.0, 0.4])
+def test_cuda_graph_generation_of_a_real_uvit_is_captured_and_equals_eager(tmp_path, schedule, prediction, cfg_scale):
+    """Every schedule x prediction x CFG: the loop of a U-ViT (Triton LN / GELU, SDPA, bf16) is captured (no
+    fallback) and gives the eager images."""
+    from dpt_fast.config import load_config
+    from dpt_fast.diffusion import make_schedule
+    from dpt_fast.diffusion.train import as_eps_model
+    from dpt_fast.models import build_uvit
+
+    cfg = load_config("digits", [f"diffusion.schedule={schedule}"])
+    torch.manual_seed(0)
+    sch = make_schedule(cfg.diffusion)
+    model = as_eps_model(build_uvit(cfg.model, 11).cuda().eval(), sch, prediction)
+    kw = dict(classes=list(range(10)), k_per_class=3, shape=(1, 8, 8), null_class=10, cfg_scale=cfg_scale, steps=10,
+              order=2, method="multistep", algorithm="dpmsolver++", skip_type="time_uniform", batch_size=16,
+              shard_size=32, seed=0, device="cuda", progress=False)
+    graph = generate(model, sch, out_dir=tmp_path / "graph", cuda_graph=True, **kw)
+    eager = generate(model, sch, out_dir=tmp_path / "eager", cuda_graph=False, **kw)
+    assert graph["cuda_graph"] and graph["cuda_graph_fallback"] is None and not eager["cuda_graph"]
+    a, b = load_generated(tmp_path / "graph")[0], load_generated(tmp_path / "eager")[0]
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_a_model_that_syncs_is_sampled_eagerly_and_the_fallback_is_reported(tmp_path):
+    class Syncs(ToyUViT):
+        def forward(self, x, timesteps, y):
+            float(x.sum())  # a host synchronisation: cannot be captured
+            return super().forward(x, timesteps, y)
+
+    summary = _gen(tmp_path / "graph", model=Syncs().cuda(), device="cuda", cuda_graph=True)
+    assert summary["cuda_graph"] is False and "synchronises with the host" in summary["cuda_graph_fallback"]
+    _gen(tmp_path / "eager", model=Syncs().cuda(), device="cuda", cuda_graph=False)
+    np.testing.assert_array_equal(load_generated(tmp_path / "graph")[0], load_generated(tmp_path / "eager")[0])
 
 
 @pytest.mark.parametrize("damage", ["truncate", "same_arrays_other_bytes"])

@@ -65,6 +65,38 @@ def test_kernels_compile_to_cubin_for_sm90_without_a_gpu():
     assert all(len(k.asm["cubin"]) > 0 for k in built)
 
 
+@pytest.mark.skipif(IN_INTERPRETER, reason="checks the model's dtypes, not the kernels")
+@pytest.mark.parametrize("conditioning", ["token", "adaln"])
+def test_under_bf16_autocast_every_layer_norm_gets_the_dtypes_of_the_aot_signature(monkeypatch, conditioning):
+    """The residual stream stays fp32 in every block (in the out-blocks too, after the bf16 skip Linear), the
+    branch outputs and modulations are bf16: exactly `layernorm.FWD_SIGNATURE`, which the cubin build above and
+    bench/kernel_registers.py compile. Checked on the reference path, which sees the same tensors as the kernel."""
+    from dpt_fast.kernels import layernorm
+    from dpt_fast.models import UViT
+
+    names = {"float32": "*fp32", "bfloat16": "*bf16"}
+    seen = []
+    real = layernorm.layer_norm_reference
+
+    def spy(x, weight, bias, eps, delta=None, gate=None, shift=None, scale=None, out_dtype=None):
+        args = dict(X=x, DELTA=delta, GATE=gate, W=weight, Bias=bias, SHIFT=shift, SCALE=scale)
+        seen.append({k: names[str(v.dtype).replace("torch.", "")] for k, v in args.items() if v is not None})
+        x_new, y = real(x, weight, bias, eps, delta, gate, shift, scale, out_dtype)
+        seen[-1].update(XNEW=names[str(x_new.dtype).replace("torch.", "")], Y=names[str(y.dtype).replace("torch.", "")])
+        return x_new, y
+
+    monkeypatch.setattr(layernorm, "layer_norm_reference", spy)
+    monkeypatch.setenv("DPT_FAST_KERNELS", "reference")
+    torch.manual_seed(0)
+    m = UViT(img_size=8, patch_size=2, in_chans=4, embed_dim=32, depth=4, num_heads=2, num_classes=11,
+             conditioning=conditioning)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        m(torch.randn(2, 4, 8, 8), torch.tensor([3.0, 700.0]), torch.tensor([0, 10]))
+    assert len(seen) == 2 * len(m.blocks()) + 1  # norm1 and add + norm2 of every block, the final norm
+    for call in seen:
+        assert all(layernorm.FWD_SIGNATURE[k] == v for k, v in call.items()), call
+
+
 @pytest.fixture(scope="module")
 def k():
     if DEVICE == "cpu" and not IN_INTERPRETER:

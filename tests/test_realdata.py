@@ -157,22 +157,29 @@ def test_stage3_rerun_with_new_settings_reuses_the_generated_features(latents_ru
     assert json.loads((run / "stage3" / "metrics.json").read_text())["generated_used"] == 6
 
 
-def test_backbone_crop_keeps_the_central_fraction(weights):
+def test_backbone_crop_is_resize_then_center_crop(weights):
+    """crop c at input side S: torchvision Resize(round(S / c)) + CenterCrop(S), as MSN's Resize 256 + Crop 224."""
+    import torchvision.transforms.functional as TF
+
     space = BackboneSpace("test_vit", str(weights / "vit.safetensors"), image_size=32, crop=0.5)
-    full = BackboneSpace("test_vit", str(weights / "vit.safetensors"), image_size=32)
     x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 3, 32, 32), dtype=np.uint8))
-    torch.testing.assert_close(space.embed_tensor(x), full.embed_tensor(x[:, :, 8:24, 8:24]))
+    assert (space.resize, space.input_size, space.crop) == (64, (32, 32), 0.5)
+    done = TF.center_crop(TF.resize(x, [64], antialias=True), [32, 32])
+    torch.testing.assert_close(space.embed_tensor(x), space.embed_tensor(done, transformed=True))
+    full = BackboneSpace("test_vit", str(weights / "vit.safetensors"), image_size=32)  # timm: crop 1 by default
+    assert full.resize == 32 and torch.equal(full.transform(x), x)
     assert not torch.allclose(space.embed_tensor(x), full.embed_tensor(x), atol=1e-3)
 
 
 def test_latent_row_i_gets_the_features_of_files_txt_line_i(latents_run, prepared, folder, weights):
-    """Alignment: the stage-1 features of row i are those of the image latent i was encoded from."""
+    """Alignment: the stage-1 features of row i are those of the image latent i was encoded from (file i, decoded
+    with the backbone's own Resize + CenterCrop)."""
     files = (prepared / "files.txt").read_text().splitlines()
     feats = np.load(latents_run / "stage1" / "train_features.npy")
     space = BackboneSpace("test_vit", str(weights / "vit.safetensors"), image_size=32)
     rows = [0, 13, 35]
-    x = np.stack([decode_pil(folder / "train" / files[i], RES).transpose(2, 0, 1) for i in rows])
-    ref = space.embed(x)
+    x = np.stack([decode_pil(folder / "train" / files[i], 32, "eval", space.resize).transpose(2, 0, 1) for i in rows])
+    ref = space.embed_tensor(torch.from_numpy(x), transformed=True).numpy()
     # PIL here, DALI or PIL in the run (at most 1 grey level apart): nearly the same vector, and nearest its own row
     np.testing.assert_allclose(feats[rows], ref, atol=0.05)
     assert (ref @ feats.T).argmax(1).tolist() == rows

@@ -112,7 +112,7 @@ def test_training_times_follow_the_schedule(schedule):
 
 def test_label_dropout_rate_matches_p_uncond():
     sch = make_schedule(load_config("digits").diffusion)
-    drops = torch.cat([draw_step(s, 0, 256, 100, (1, 8, 8), sch, 0.15, torch.device("cpu")).drop for s in range(20)])
+    drops = torch.cat([draw_step(s, 0, 256, (1, 8, 8), sch, 0.15, torch.device("cpu")).drop for s in range(20)])
     sd = math.sqrt(0.15 * 0.85 / drops.numel())
     assert abs(drops.float().mean().item() - 0.15) < 4 * sd
 
@@ -249,6 +249,148 @@ class _Lambda(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
+class _Rows:
+    """A BatchSource over an in-memory tensor: read (in the loop's background thread) gathers, finish is identity."""
+
+    def __init__(self, x):
+        self.x, self.sample_shape = x, tuple(x.shape[1:])
+        self.reads = []
+
+    def __len__(self):
+        return len(self.x)
+
+    def read(self, index, rows, seed):
+        self.reads.append(index[rows].clone())
+        return (self.x[index[rows]],)
+
+    def finish(self, raw, batch_size, rows, seed):
+        return raw[0]
+
+
+def test_a_batch_source_read_ahead_trains_exactly_like_the_in_memory_tensor(tmp_path):
+    cfg = _digits_cfg()
+    ref = _train(cfg, tmp_path / "tensor")
+    x, y = _data()
+    src = _Rows(x)
+    res = train_diffusion(_model(cfg), src, y, make_schedule(cfg.diffusion), cfg.train, num_classes=10, seed=cfg.seed,
+                          ckpt_dir=tmp_path / "src", fingerprint="fp", device=torch.device("cpu"), progress=False)
+    assert len(src.reads) == cfg.train.steps  # one read per step, none beyond the last
+    assert all(torch.equal(a, b) for a, b in zip(res.ema.state_dict().values(), ref.ema.state_dict().values()))
+
+
+class _NanAt(nn.Module):
+    """A linear eps model whose output turns NaN from forward call `at` on (a diverging run, deterministically)."""
+
+    def __init__(self, at):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(1))
+        self.spare = nn.Parameter(torch.zeros(1))  # not used by forward
+        self.at, self.calls = at, 0
+
+    def forward(self, x, t, y):
+        self.calls += 1
+        out = x * self.w
+        return out * float("nan") if self.calls >= self.at else out
+
+
+def _all_finite_on_disk(ckpt_dir):
+    from safetensors.torch import load_file
+
+    files = sorted(ckpt_dir.glob("*.safetensors"))
+    return all(torch.isfinite(v).all() for f in files for v in load_file(f).values() if v.is_floating_point())
+
+
+def test_a_non_finite_loss_stops_training_naming_the_step_and_no_nan_reaches_disk(tmp_path):
+    cfg = _digits_cfg("train.steps=10", "train.ckpt_every=3", "train.log_every=100")
+    x, y = _data()
+    with pytest.raises(UserError, match=r"loss is not finite at step 5 .*train\.lr") as e:
+        train_diffusion(_NanAt(5), x, y, make_schedule(cfg.diffusion), cfg.train, num_classes=10, seed=0,
+                        ckpt_dir=tmp_path / "ckpt", fingerprint="fp", device=torch.device("cpu"), progress=False)
+    assert "\n" not in str(e.value)
+    assert list_checkpoints(tmp_path / "ckpt") == [3]  # the check before the step-6 checkpoint stopped it
+    assert _all_finite_on_disk(tmp_path / "ckpt")
+    # A NaN only in the weights (loss finite so far) is caught before the checkpoint too.
+    model = _NanAt(10**9)
+    with pytest.raises(UserError, match=r"weights' norm is not finite at step 3"):
+        train_diffusion(model, x, y, make_schedule(cfg.diffusion), cfg.train, num_classes=10, seed=0,
+                        ckpt_dir=tmp_path / "w", fingerprint="fp", device=torch.device("cpu"), progress=False,
+                        on_step=lambda s: model.spare.data.fill_(float("inf")) if s == 2 else None)
+    assert list_checkpoints(tmp_path / "w") == []
+
+
+def test_a_huge_learning_rate_is_a_one_line_error_and_leaves_finite_checkpoints(tmp_path):
+    cfg = _digits_cfg("train.steps=30", "train.ckpt_every=2", "train.log_every=30", "train.lr=1e6", "train.warmup_steps=1")
+    with pytest.raises(UserError, match=r"not finite at step \d+ \(train\.lr=1e\+06\); lower train\.lr"):
+        _train(cfg, tmp_path)
+    assert _all_finite_on_disk(tmp_path / "ckpt")
+
+
+class _TinyEps(nn.Module):
+    """A small conditional eps model (3x3 conv + label and time terms): cheap to compile."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.emb = nn.Conv2d(1, 1, 3, padding=1), nn.Embedding(11, 1)
+
+    def forward(self, x, t, y):
+        return self.conv(x) * torch.sigmoid(t / 1000).view(-1, 1, 1, 1) + self.emb(y).view(-1, 1, 1, 1)
+
+
+@pytest.mark.slow
+def test_train_compile_trains_like_eager_on_cpu(tmp_path):
+    cfg = _digits_cfg("train.steps=3", "train.ckpt_every=3")
+    x, y = _data()
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    runs = []
+    for compile_ in (False, True):
+        cfg.train.compile = compile_
+        runs.append(train_diffusion(_TinyEps(), x, y, make_schedule(cfg.diffusion), cfg.train, num_classes=10, seed=0,
+                                    ckpt_dir=tmp_path / str(compile_), fingerprint="fp", device=torch.device("cpu"),
+                                    progress=False))
+    for a, b in zip(runs[1].ema.state_dict().values(), runs[0].ema.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert runs[1].history["loss"] == pytest.approx(runs[0].history["loss"], rel=1e-5)
+    assert counters["stats"]["unique_graphs"] >= 1  # the compiled run really went through Dynamo
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("source", ["tensor", "latents"])
+def test_training_steps_do_not_synchronise_with_the_host_between_logs(tmp_path, source):
+    """torch's sync debug mode warns on every synchronising CUDA call: steps that neither log nor checkpoint
+    must make none (the first step is allowed its one-time set-up)."""
+    import warnings
+
+    cfg = _digits_cfg("train.steps=12", "train.log_every=6", "train.ckpt_every=12", "diffusion.schedule=discrete")
+    x, y = _data()
+    if source == "latents":
+        from dpt_fast.data.latents import LatentDataset
+        from dpt_fast.stages.stage2 import _Latents
+        from tests.test_distributed import write_latents
+
+        ds = LatentDataset(write_latents(tmp_path / "lat"))
+        x, y = _Latents(ds), torch.from_numpy(ds.labels)
+    else:
+        x = x.cuda()
+    counts = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            train_diffusion(_model(cfg), x, y, make_schedule(cfg.diffusion), cfg.train, num_classes=10, seed=0,
+                            ckpt_dir=tmp_path / "ckpt", fingerprint="fp", device=torch.device("cuda"), progress=False,
+                            on_step=lambda s: counts.append(sum("synchroniz" in str(w.message) for w in caught)))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    per_step = [b - a for a, b in zip(counts, counts[1:])]  # syncs of steps 2..12
+    quiet = [n for step, n in zip(range(2, 13), per_step) if step % 6]
+    assert quiet and all(n == 0 for n in quiet), per_step
+
+
+# ----------------------------------------------------------------------------------------------
 # The official U-ViT / DPT conventions the imagenet256_uvit_* presets switch on (faithful copies of
 # U-ViT's sde.py, utils.py and train_ldm*.py below).
 # ----------------------------------------------------------------------------------------------
@@ -260,7 +402,7 @@ def test_continuous_training_times_can_be_drawn_as_uvit_sde_sample_does():
     assert torch.equal(ours, official) and ours.min() < 1e-3  # below today's default t_min
     default = sample_time(sch, 4096, torch.Generator().manual_seed(5), torch.device("cpu"))
     assert default.min() >= 1e-3 and torch.equal(default, 1e-3 + (1 - 1e-3) * official)
-    d = draw_step(0, 0, 4096, 10, (1,), sch, 0.1, torch.device("cpu"), t_min=0.0)
+    d = draw_step(0, 0, 4096, (1,), sch, 0.1, torch.device("cpu"), t_min=0.0)
     assert d.t.min() < 1e-3
 
 

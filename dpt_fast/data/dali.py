@@ -5,11 +5,14 @@
     for pos, images in dec:            # pos: int64 [n] positions in `entries`; images: uint8 [n, 3, 256, 256]
         labels = index.labels[pos]     # labels travel with positions, never with batch slots
     dec.failed                         # [(position, reason)] of files that failed at run time
+    ImageDecoder(entries, 64, batch_size=32, positions=order)   # these positions, in this order (any iterable,
+                                                                # endless too: stage 2 streams its training order)
 
 Backend: `dali_gpu` when DALI is installed and CUDA is present (decode, resize, crop and flip on the GPU;
 images come back as CUDA tensors), `dali_cpu` when DALI is installed without CUDA, `pil` when DALI is not
 installed. `DPT_FAST_DECODER=dali_gpu|dali_cpu|pil` forces one. All three give the pixels documented in
-`dpt_fast.data.imagefolder` (DALI CPU vs PIL: at most 1 level apart, from rounding, see tests).
+`dpt_fast.data.imagefolder` for its "center" crop (DALI CPU vs PIL: at most 1 level apart, from rounding, see
+tests); its "adm" crop is decoded with PIL whatever the backend, "eval" by all three.
 
 Bad files. The index given here should come from `scan_imagefolder`, which already removed every file that
 does not decode. Should DALI still fail at run time (a file changed on disk, a decoder limit), the pipeline
@@ -23,13 +26,14 @@ import functools
 import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator, Sequence
+from itertools import islice
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from ..utils import UserError, log
-from .imagefolder import BadImage, crop_box, decode_pil
+from .imagefolder import CROPS, BadImage, crop_box, decode_pil, eval_crop_box
 
 DECODER_ENV = "DPT_FAST_DECODER"
 BACKENDS = ("dali_gpu", "dali_cpu", "pil")
@@ -88,8 +92,8 @@ class _Feeder:
     positions of the batches handed to DALI and not yet returned by it (DALI returns them in order).
     """
 
-    def __init__(self, entries, size, batch_size, todo: Iterator[int], pool: ThreadPoolExecutor, on_fail):
-        self.entries, self.size, self.batch_size = entries, size, batch_size
+    def __init__(self, entries, box, batch_size, todo: Iterator[int], pool: ThreadPoolExecutor, on_fail):
+        self.entries, self.box, self.batch_size = entries, box, batch_size
         self.todo, self.pool, self.on_fail = todo, pool, on_fail
         self.fed: deque[np.ndarray] = deque()
         self._ahead = None
@@ -114,7 +118,7 @@ class _Feeder:
                     keep.append((p, d))
             if keep:
                 break
-        boxes = [crop_box(self.entries[p][1], self.entries[p][2], self.size) for p, _ in keep]
+        boxes = [self.box(self.entries[p][1], self.entries[p][2]) for p, _ in keep]
         positions = np.array([p for p, _ in keep], dtype=np.int64)
         self.fed.append(positions)
         return (
@@ -160,10 +164,13 @@ def _build_pipeline(feeder: _Feeder, size: int, gpu: bool, batch_size: int, thre
 class ImageDecoder:
     """Decode `entries` [(path, width, height), ...] to uint8 [n, 3, size, size] batches, in order.
 
+    `positions` (default: every entry once) says which entries to decode in which order; it may repeat entries
+    and be endless (batches then come as they are asked for, the files of the next ones read ahead).
     Yields (positions int64 [n], images uint8 tensor [n, 3, size, size]) with images on CUDA for the
-    `dali_gpu` backend and on the CPU otherwise. random_flip: mirror each image with probability 1/2
-    (seeded by `seed`; on the GPU for dali_gpu). Files that fail are left out of the batches and listed in
-    `failed` (or raise, with on_bad_image="error").
+    `dali_gpu` backend and on the CPU otherwise. crop: "center" | "adm" | "eval" (`imagefolder.CROPS`; "adm"
+    always decodes with PIL, "eval" is Resize(`resize`) + CenterCrop(`size`)). random_flip: mirror each image
+    with probability 1/2 (seeded by `seed`; on the GPU for dali_gpu). Files that fail are left out of the
+    batches and listed in `failed` (or raise, with on_bad_image="error").
     """
 
     def __init__(
@@ -180,12 +187,22 @@ class ImageDecoder:
         on_bad_image: str = "skip",
         progress: bool = False,
         desc: str = "decoding",
+        positions: Iterable[int] | None = None,
+        crop: str = "center",
+        resize: int = 0,
     ):
         self.entries = list(entries)
+        self.positions = positions
         self.size, self.batch_size = size, batch_size
+        if crop not in CROPS or (crop == "eval") != (resize > 0) or 0 < resize < size:
+            raise ValueError(f"crop={crop!r}, resize={resize}: crop is one of {CROPS}; resize >= size is eval's only")
+        self.crop, self.resize = crop, resize
         self.backend = backend or select_backend(device)
         if self.backend not in BACKENDS:
             raise UserError(f"decoder backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
+        if crop == "adm" and self.backend != "pil":
+            log.info("image decoder: pil for the ADM crop (BOX halvings + BICUBIC have no DALI equivalent)")
+            self.backend = "pil"
         self.device = torch.device(device) if device is not None else None
         if self.backend == "dali_gpu" and (self.device is None or self.device.type != "cuda"):
             self.device = torch.device("cuda")
@@ -212,7 +229,7 @@ class ImageDecoder:
     def _decode_pil_batch(self, positions, pool: ThreadPoolExecutor, rng: np.random.Generator):
         def one(p):
             try:
-                return decode_pil(self.entries[p][0], self.size)
+                return decode_pil(self.entries[p][0], self.size, self.crop, self.resize)
             except BadImage as e:
                 return str(e)
 
@@ -229,13 +246,17 @@ class ImageDecoder:
             images[flip] = images[flip, :, :, ::-1]
         out = torch.from_numpy(np.ascontiguousarray(images))
         if self.device is not None and self.device.type == "cuda":
-            out = out.to(self.device, non_blocking=True)
+            out = out.pin_memory().to(self.device, non_blocking=True)  # a real asynchronous copy
         return np.array([p for p, _ in keep], dtype=np.int64), out
+
+    def _todo(self) -> Iterator[int]:
+        return iter(range(len(self.entries)) if self.positions is None else self.positions)
 
     def _iter_pil(self, pool) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         rng = np.random.default_rng(self.seed)
-        for start in range(0, len(self.entries), self.batch_size):
-            got = self._decode_pil_batch(range(start, min(start + self.batch_size, len(self.entries))), pool, rng)
+        todo = self._todo()
+        while batch := list(islice(todo, self.batch_size)):
+            got = self._decode_pil_batch(batch, pool, rng)
             if got is not None:
                 yield got
 
@@ -252,7 +273,11 @@ class ImageDecoder:
 
     def _iter_dali(self, pool) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         gpu = self.backend == "dali_gpu"
-        feeder = _Feeder(self.entries, self.size, self.batch_size, iter(range(len(self.entries))), pool, self._fail)
+        if self.crop == "eval":
+            box = functools.partial(eval_crop_box, resize=self.resize, size=self.size)
+        else:
+            box = functools.partial(crop_box, size=self.size)
+        feeder = _Feeder(self.entries, box, self.batch_size, self._todo(), pool, self._fail)
         rng = np.random.default_rng(self.seed)
         builds = 0
         while True:
@@ -289,7 +314,8 @@ class ImageDecoder:
         from tqdm import tqdm
 
         self.failed = []
-        self._bar = tqdm(total=len(self.entries), desc=self.desc, unit="img", disable=not self.progress, smoothing=0.05)
+        total = len(self.entries) if self.positions is None else None
+        self._bar = tqdm(total=total, desc=self.desc, unit="img", disable=not self.progress, smoothing=0.05)
         with ThreadPoolExecutor(max_workers=self.threads) as pool:
             it = self._iter_pil(pool) if self.backend == "pil" else self._iter_dali(pool)
             try:

@@ -9,14 +9,23 @@ ImageFolder). Labels travel with the files: every file is validated *before* any
 file that is not a decodable JPEG/PNG is removed from the index (listed in `index.skipped` with the reason)
 or, with `on_bad_image="error"`, stops the scan with a one-line `UserError` naming it.
 
-Pixels. Both decoders (DALI and PIL) produce exactly this: decode to 8-bit RGB ignoring EXIF orientation
-(grayscale replicated, CMYK converted, alpha dropped, 16-bit samples rounded to 8 bits), resize so the
-*shorter* side is `size` (long side rounded half up) with an antialiased bilinear (triangle) filter that
-clamps at the image border, then crop the centre `size` x `size` at integer offsets ((W' - size) // 2,
-(H' - size) // 2). Resize and crop are fused: the crop is a box in source coordinates (`crop_box`), which
-both DALI's `fn.resize(roi_start, roi_end)` and PIL's `resize(box=...)` take, so they sample the same points.
-This is not the ADM/U-ViT `center_crop_arr` (repeated 2x box halving, then bicubic): no DALI filter
-reproduces that chain, and parity between the decoders matters more here than matching a third pipeline.
+Pixels. Decoding gives 8-bit RGB ignoring EXIF orientation (grayscale replicated, CMYK converted, alpha
+dropped, 16-bit samples rounded to 8 bits), then one of three crops (`CROPS`, the `crop` argument of
+`decode_pil` and `ImageDecoder`):
+
+- "center": resize so the *shorter* side is `size` (long side rounded half up) with an antialiased bilinear
+  (triangle) filter that clamps at the image border, then crop the centre `size` x `size` at integer offsets
+  ((W' - size) // 2, (H' - size) // 2). Resize and crop are fused: the crop is a box in source coordinates
+  (`crop_box`), which both DALI's `fn.resize(roi_start, roi_end)` and PIL's `resize(box=...)` take, so DALI
+  (GPU or CPU) and PIL give the same pixels. The fast path, and the in-memory ImageFolders' crop.
+- "adm": ADM's / U-ViT's / DPT's `center_crop_arr` (`adm_center_crop`): halve with PIL BOX while the short
+  side is at least 2 * size, resize the short side to `size` with PIL BICUBIC (long side Python-rounded),
+  crop the centre (floor offsets). What the official latents and the ADM reference batches were made with;
+  PIL only (no DALI filter reproduces the chain), so `ImageDecoder` decodes "adm" with PIL threads.
+- "eval": torchvision's `Resize(resize)` + `CenterCrop(size)` on a PIL image (`eval_resize_crop`): the short
+  side to `resize` (long side truncated), PIL BILINEAR, then the centre at round((W' - size) / 2) offsets --
+  the MSN / DPT feature transform (Resize 256, CenterCrop 224). DALI samples the same box (`eval_crop_box`)
+  with its linear filter (at most a grey level or so from PIL's).
 """
 from __future__ import annotations
 
@@ -35,6 +44,7 @@ from ..utils import UserError, log
 from .embedded import ArrayDataset
 
 FORMATS = ("JPEG", "PNG")
+CROPS = ("center", "adm", "eval")
 # Modes PIL opens JPEG/PNG files in, all of which both decoders turn into the same 8-bit RGB.
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I")
 _PARALLEL_MIN_FILES = 512  # below this, validating in-process is faster than starting workers
@@ -158,6 +168,12 @@ class ImageIndex:
         """(absolute path, width, height) per image, for `ImageDecoder`."""
         idx = range(len(self.files)) if indices is None else indices
         return [(os.path.join(self.root, self.files[i]), int(self.sizes[i, 0]), int(self.sizes[i, 1])) for i in idx]
+
+    def subset(self, keep: Sequence[int] | np.ndarray) -> "ImageIndex":
+        """The images at positions `keep`, in that order (same root and classes; nothing skipped)."""
+        keep = np.asarray(keep, dtype=np.int64)
+        return ImageIndex(self.root, self.classes, [self.files[i] for i in keep], self.labels[keep], self.sizes[keep],
+                          empty_classes=self.empty_classes)
 
     def to_dict(self) -> dict:
         return {
@@ -318,14 +334,67 @@ def resize_crop(rgb: np.ndarray, size: int) -> np.ndarray:
     return np.array(out)  # writable
 
 
-def decode_pil(path: str | os.PathLike, size: int) -> np.ndarray:
-    """Decode, resize and center-crop one file with PIL -> uint8 [size, size, 3]. Raises BadImage."""
+def adm_center_crop(im: Image.Image, size: int) -> np.ndarray:
+    """ADM's `center_crop_arr` (guided-diffusion, used by U-ViT and DPT): RGB PIL image -> uint8 [size, size, 3].
+
+    Halving with BOX first is what PIL's `reducing_gap` does in newer versions; ADM does it by hand.
+    """
+    while min(im.size) >= 2 * size:
+        im = im.resize((im.size[0] // 2, im.size[1] // 2), resample=Image.BOX)
+    scale = size / min(im.size)
+    im = im.resize((round(im.size[0] * scale), round(im.size[1] * scale)), resample=Image.BICUBIC)
+    a = np.asarray(im)
+    top, left = (a.shape[0] - size) // 2, (a.shape[1] - size) // 2
+    return np.array(a[top:top + size, left:left + size])  # writable
+
+
+def eval_resized(width: int, height: int, resize: int) -> tuple[int, int]:
+    """torchvision `Resize(resize)`'s output (width, height): the short side `resize`, the long one truncated."""
+    if width <= height:
+        return resize, int(resize * height / width)
+    return int(resize * width / height), resize
+
+
+def eval_offsets(width: int, height: int, resize: int, size: int) -> tuple[int, int]:
+    """(left, top) of torchvision's `CenterCrop(size)` after `Resize(resize)` (Python's round, half to even)."""
+    rw, rh = eval_resized(width, height, resize)
+    return int(round((rw - size) / 2.0)), int(round((rh - size) / 2.0))
+
+
+def eval_crop_box(width: int, height: int, resize: int, size: int) -> tuple[float, float, float, float]:
+    """Source box (x0, y0, x1, y1) of `Resize(resize)` + `CenterCrop(size)`, for DALI's ROI resize."""
+    rw, rh = eval_resized(width, height, resize)
+    left, top = eval_offsets(width, height, resize, size)
+    sx, sy = width / rw, height / rh
+    return left * sx, top * sy, (left + size) * sx, (top + size) * sy
+
+
+def eval_resize_crop(im: Image.Image, resize: int, size: int) -> np.ndarray:
+    """torchvision `Resize(resize)` + `CenterCrop(size)` (bilinear, as on PIL images) -> uint8 [size, size, 3]."""
+    if resize < size:
+        raise ValueError(f"resize {resize} < crop {size}")
+    rw, rh = eval_resized(*im.size, resize)
+    left, top = eval_offsets(*im.size, resize, size)
+    if (rw, rh) != im.size:  # torchvision returns the image itself when it already has that size
+        im = im.resize((rw, rh), Image.BILINEAR)
+    return np.array(np.asarray(im)[top:top + size, left:left + size])
+
+
+def decode_pil(path: str | os.PathLike, size: int, crop: str = "center", resize: int = 0) -> np.ndarray:
+    """Decode one file with PIL and crop it (`crop`: see CROPS; `resize` is "eval"'s) -> uint8 [size, size, 3].
+    Raises BadImage."""
     with _reason():
         with open(path, "rb") as f, Image.open(f) as im:
             _check_format(im)
             im.load()
             rgb = to_rgb(im)
-    return resize_crop(rgb, size)
+    if crop == "center":
+        return resize_crop(rgb, size)
+    if crop == "adm":
+        return adm_center_crop(Image.fromarray(rgb), size)
+    if crop == "eval":
+        return eval_resize_crop(Image.fromarray(rgb), resize, size)
+    raise ValueError(f"crop={crop!r} is not one of {CROPS}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -354,7 +423,7 @@ def _held_out(labels: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
     return mask
 
 
-def _decode_all(index: ImageIndex, size: int, progress: bool) -> np.ndarray:
+def decode_all(index: ImageIndex, size: int, progress: bool) -> np.ndarray:
     from .dali import ImageDecoder
 
     out = np.zeros((len(index), 3, size, size), dtype=np.uint8)
@@ -364,8 +433,8 @@ def _decode_all(index: ImageIndex, size: int, progress: bool) -> np.ndarray:
     return out
 
 
-def load_imagefolder(data_cfg, progress: bool = True) -> ImageFolderDataset:
-    """`data.name=imagefolder`: decode `data.root` into memory at `data.image_size`.
+def split_imagefolder(data_cfg, progress: bool = True) -> tuple[ImageIndex, ImageIndex]:
+    """`data.name=imagefolder`: the (training, held-out) indices of `data.root`, validated, nothing decoded.
 
     `data.test_root` set: `root` holds the training classes, `test_root` the held-out images. Otherwise
     `root/train` + `root/val` (or `root/test`) are used as the split when present (ImageNet layout); else
@@ -376,34 +445,43 @@ def load_imagefolder(data_cfg, progress: bool = True) -> ImageFolderDataset:
     if data_cfg.image_size <= 0:
         raise UserError("data.name=imagefolder needs data.image_size (the crop size, e.g. data.image_size=64)")
     root = Path(data_cfg.root).expanduser()
-    size = data_cfg.image_size
     test_root = getattr(data_cfg, "test_root", "")
     val = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
     if test_root:
         if not Path(test_root).expanduser().is_dir():
             raise UserError(f"data.test_root={test_root}: no such directory; give an ImageFolder with the training class folders")
         train = scan_imagefolder(root, data_cfg.on_bad_image, progress=progress)
-        test = scan_imagefolder(Path(test_root).expanduser(), data_cfg.on_bad_image, classes=train.classes, progress=progress)
-        indices = [train, test]
-    elif (root / "train").is_dir() and val is not None:
+        return train, scan_imagefolder(Path(test_root).expanduser(), data_cfg.on_bad_image, classes=train.classes, progress=progress)
+    if (root / "train").is_dir() and val is not None:
         train = scan_imagefolder(root / "train", data_cfg.on_bad_image, progress=progress)
-        test = scan_imagefolder(val, data_cfg.on_bad_image, classes=train.classes, progress=progress)
-        indices = [train, test]
-    else:
-        full = scan_imagefolder(root, data_cfg.on_bad_image, progress=progress)
-        held = _held_out(full.labels, TEST_FRACTION)
-        indices = [_subset(full, ~held, full.skipped), _subset(full, held, [])]
+        return train, scan_imagefolder(val, data_cfg.on_bad_image, classes=train.classes, progress=progress)
+    full = scan_imagefolder(root, data_cfg.on_bad_image, progress=progress)
+    held = _held_out(full.labels, TEST_FRACTION)
+    return _subset(full, ~held, full.skipped), _subset(full, held, [])
+
+
+def in_memory_bytes(indices: Sequence[ImageIndex], size: int) -> int:
+    """Bytes the decoded uint8 images of `indices` take at `size` x `size`."""
+    return sum(len(i) for i in indices) * 3 * size * size
+
+
+def load_imagefolder(data_cfg, progress: bool = True,
+                     split: tuple[ImageIndex, ImageIndex] | None = None) -> ImageFolderDataset:
+    """`data.name=imagefolder`: decode `data.root` into memory at `data.image_size`; `split`: the result of
+    `split_imagefolder` when the caller already has it."""
+    size = data_cfg.image_size
+    indices = split or split_imagefolder(data_cfg, progress)
     if len(indices[0].classes) < 2:
-        raise UserError(f"{root}: one class folder ({indices[0].classes[0]}); classification needs at least two, "
-                        "one sub-folder per class")
-    n = sum(len(i) for i in indices)
-    if n * 3 * size * size > MAX_IN_MEMORY_BYTES:
+        raise UserError(f"{data_cfg.root}: one class folder ({indices[0].classes[0]}); classification needs at least "
+                        "two, one sub-folder per class")
+    if in_memory_bytes(indices, size) > MAX_IN_MEMORY_BYTES:
+        root = Path(data_cfg.root).expanduser()
         raise UserError(
-            f"{root}: {n} images at {size}px do not fit in memory; prepare it once with "
+            f"{root}: {sum(len(i) for i in indices)} images at {size}px do not fit in memory; prepare it once with "
             f"`python -m dpt_fast.data.prepare --root {root} --out DIR` and train on the shards"
         )
     x_train, x_test = (
-        _decode_all(i, size, progress) if len(i) else np.zeros((0, 3, size, size), np.uint8) for i in indices
+        decode_all(i, size, progress) if len(i) else np.zeros((0, 3, size, size), np.uint8) for i in indices
     )
     tr, te = indices
     return ImageFolderDataset(

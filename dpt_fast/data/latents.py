@@ -93,6 +93,7 @@ def _load_or_scan(root: Path, out: Path, settings: dict, workers: int, progress:
     if rank == 0:
         if path.is_file():
             saved = read_json(path)
+            saved.setdefault("settings", {}).setdefault("crop", "center")  # prepared before crops had names
             if saved.get("settings") != settings:
                 diff = sorted(k for k in settings if saved.get("settings", {}).get(k) != settings[k])
                 raise UserError(
@@ -118,6 +119,7 @@ def prepare_shards(
     *,
     vae_path: str | None = None,
     resolution: int = 256,
+    crop: str = "adm",
     on_bad_image: str = "skip",
     shard_size: int = 4096,
     batch_size: int = 64,
@@ -132,6 +134,9 @@ def prepare_shards(
 ) -> dict | None:
     """Validate `root`, then decode (and with `vae_path` encode) this rank's missing shards into `out`.
 
+    crop: "adm" (default: ADM's / U-ViT's `center_crop_arr`, as the official latents and ADM's reference
+    batches; decoded with PIL threads) or "center" (short-side resize + centre crop, DALI on the GPU when
+    installed: faster, not the official pixels); see `dpt_fast.data.imagefolder`.
     Returns the manifest once every shard exists (on rank 0), else None. rank/world_size default to
     torch.distributed's (0/1 without it). dtype: storage dtype of the latent moments; vae_dtype: the dtype
     the encoder runs in (float32 as the official extraction; bfloat16 is several times faster on GPUs).
@@ -145,6 +150,8 @@ def prepare_shards(
         raise UserError(f"--vae-dtype {vae_dtype}: use one of {', '.join(VAE_DTYPES)}")
     if resolution < 8 or shard_size < 1 or batch_size < 1:
         raise UserError("--resolution must be >= 8, --shard-size and --batch-size >= 1")
+    if crop not in ("adm", "center"):
+        raise UserError(f"--crop {crop}: use adm (the official center_crop_arr) or center")
     d_rank, d_world = rank_world()
     rank = d_rank if rank is None else rank
     world_size = d_world if world_size is None else world_size
@@ -160,6 +167,7 @@ def prepare_shards(
     settings = {
         "root": str(root.resolve()),
         "resolution": resolution,
+        "crop": crop,
         "on_bad_image": on_bad_image,
         "kind": kind,
         "shard_size": shard_size,
@@ -187,13 +195,13 @@ def prepare_shards(
     mine = rank_shards(num_shards, rank, world_size)
     todo = [s for s in mine if not _shard_ok(out / shard_name(kind, s), (_shard_len(s, n, shard_size), *item_shape), store)]
     log.info("rank %d/%d: %d of its %d shards to do (%d shards in all)", rank, world_size, len(todo), len(mine), num_shards)
-    backend = select_backend(dev)
+    backend = "pil" if crop == "adm" else select_backend(dev)
     t0, done = time.time(), 0
     if todo:
         positions = np.concatenate([np.arange(s * shard_size, s * shard_size + _shard_len(s, n, shard_size)) for s in todo])
         dec = ImageDecoder(
             index.entries(positions), resolution, batch_size=batch_size, backend=backend, device=dev,
-            on_bad_image="skip", progress=progress, desc=f"{kind} (rank {rank})",
+            on_bad_image="skip", progress=progress, desc=f"{kind} (rank {rank})", crop=crop,
         )
         buffers: dict[int, list] = {}  # shard -> [array, filled]
         for pos, images in dec:
@@ -239,6 +247,7 @@ def prepare_shards(
         "empty_classes": index.empty_classes,
         "backend": backend,
         "resolution": resolution,
+        "crop": crop,
         "shard_size": shard_size,
         "shards": [shard_name(kind, s) for s in range(num_shards)],
         "item_shape": list(item_shape),

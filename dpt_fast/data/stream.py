@@ -14,6 +14,9 @@ DALI), `ShardSource` (.npz shards holding `images` and `labels`, e.g. stage 2's 
 shard at a time). Each has `len()`, `identity` (a hash of what its images are, to key caches) and
 `batches(positions, batch_size)`, which yields the images at `positions` in that order.
 
+`TrainingStream` feeds stage 2's training loop from an ImageFolder too large for memory (data.stream), in the
+loop's own order, decoding the coming steps' images while a step runs.
+
 data.name=latents (a folder made by `python -m dpt_fast.data.prepare --vae`): position i of `real.train` is
 line i of its files.txt -- latent i, pseudo-label i. The images are decoded again from the ImageFolder the
 latents were made from (the manifest's `root`, or `data.image_root` when they have moved), with prepare's
@@ -86,18 +89,26 @@ class ArraySource:
 
 
 class FolderSource:
-    """The files of an `ImageIndex`, decoded at `size` (resize the short side, centre crop; see imagefolder).
+    """The files of an `ImageIndex`, decoded at `size` with `crop` (see `imagefolder.CROPS`; "eval" is
+    torchvision's Resize(`resize`) + CenterCrop(`size`)).
 
     The index must come from `scan_imagefolder` (every file validated). A file that fails to decode now has
     changed since: that is a UserError, never a skipped row, because rows are aligned with other arrays.
     """
 
-    def __init__(self, index, size: int, device: torch.device | str | None = None):
-        self.index, self.size = index, size
+    def __init__(self, index, size: int, device: torch.device | str | None = None, crop: str = "center",
+                 resize: int = 0):
+        self.index, self.size, self.crop, self.resize = index, size, crop, resize
         self.device = torch.device(device) if device is not None else None
         self.backend: Optional[str] = None  # chosen (and logged) on first use
-        self.identity = _sha("folder", str(size), "\n".join(index.files), index.labels.tobytes(),
+        # (the "center" crop's identity is as before crops had names, so existing feature caches stay valid)
+        geometry = str(size) if crop == "center" else f"{size}:{crop}:{resize}"
+        self.identity = _sha("folder", geometry, "\n".join(index.files), index.labels.tobytes(),
                              np.ascontiguousarray(index.sizes, np.int32).tobytes())
+
+    def with_crop(self, size: int, crop: str, resize: int = 0) -> "FolderSource":
+        """The same files decoded another way (e.g. a backbone's own transform)."""
+        return FolderSource(self.index, size, self.device, crop, resize)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -112,13 +123,71 @@ class FolderSource:
             self.backend = select_backend(self.device)
         positions = np.asarray(positions, dtype=np.int64)
         dec = ImageDecoder(self.index.entries(positions), self.size, batch_size=batch_size, backend=self.backend,
-                           device=self.device, on_bad_image="skip")
+                           device=self.device, on_bad_image="skip", crop=self.crop, resize=self.resize)
         for pos, images in dec:
             if dec.failed:
                 p, reason = dec.failed[0]
                 raise UserError(f"{dec.entries[p][0]}: {reason}; it decoded when the folder was indexed, so it "
                                 "changed since: restore it (rows are aligned by index, a file cannot be dropped now)")
             yield positions[pos], images
+
+
+class TrainingStream:
+    """Stage 2's training images decoded while it trains, never all in memory: a `BatchSource` (see
+    `dpt_fast.diffusion.train`) over the files of an `ImageIndex` (data.stream=true, or an ImageFolder larger than
+    `imagefolder.MAX_IN_MEMORY_BYTES`).
+
+    One long-lived `ImageDecoder` (DALI: decode, resize and crop on the GPU with CUDA, its CPU pipeline without;
+    PIL without DALI) is fed the trainer's order of files (`plan`), so it reads and decodes the coming steps'
+    files while a step runs. Its pixels are those `load_imagefolder` puts in memory (same decoder), and the order is
+    the trainer's, so a streamed run trains exactly like an in-memory one, and resumes exactly: the order of a
+    resumed run starts at its first step.
+    """
+
+    def __init__(self, index, size: int, device: torch.device | str | None = None):
+        self.index, self.size = index, size
+        self.device = torch.device(device) if device is not None else None
+        self.sample_shape = (3, size, size)
+        self._decoder = None
+        self._batches: Optional[Batches] = None
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def plan(self, rows_of_steps: Iterator[torch.Tensor], batch_size: int) -> None:
+        """The order to decode: this process's data indices (int64 [batch_size]) of each coming step, in order."""
+        from itertools import chain
+
+        from .dali import ImageDecoder
+
+        positions = chain.from_iterable(rows.tolist() for rows in rows_of_steps)
+        self._decoder = ImageDecoder(self.index.entries(), self.size, batch_size=batch_size, device=self.device,
+                                     on_bad_image="skip", positions=positions)
+        self._batches = iter(self._decoder)
+
+    def read(self, index: torch.Tensor, rows: slice, seed: int) -> tuple[torch.Tensor, ...]:
+        """uint8 [len(rows), 3, S, S] images of `index[rows]` (on the GPU with DALI's GPU decoder)."""
+        if self._batches is None:
+            raise RuntimeError("TrainingStream.read before plan()")
+        pos, images = next(self._batches)
+        if self._decoder.failed:
+            p, reason = self._decoder.failed[0]
+            raise UserError(f"{self._decoder.entries[p][0]}: {reason}; it decoded when the folder was indexed, so it "
+                            "changed since: restore it (training reads every file again each epoch)")
+        if not np.array_equal(pos, index[rows].numpy()):  # a shifted batch would train on the wrong labels
+            raise AssertionError(f"streamed batch holds images {pos[:4]}..., the step wants {index[rows][:4].tolist()}...")
+        return (images,)
+
+    def finish(self, raw: tuple[torch.Tensor, ...], batch_size: int, rows: slice, seed: int) -> torch.Tensor:
+        """float [len(rows), 3, S, S] in [-1, 1], as `dpt_fast.data.to_float` makes the in-memory images."""
+        from . import to_float
+
+        return to_float(raw[0])
+
+    def close(self) -> None:
+        if self._batches is not None:
+            self._batches.close()
+            self._batches = None
 
 
 class ShardSource:
@@ -232,8 +301,9 @@ def _open_prepared(data_cfg, device, progress: bool) -> RealData:
     size = int(m["resolution"])
     log.info("data: %d training images (latents %s, images %s), %d test images (%s), %d px", len(index), root,
              index.root, len(test), test_root, size)
-    return RealData("latents", list(index.classes), FolderSource(index, size, device), labels,
-                    FolderSource(test, size, device), test.labels, files=list(index.files),
+    crop = m.get("crop", "center")  # prepared before crops had names: the "center" crop
+    return RealData("latents", list(index.classes), FolderSource(index, size, device, crop), labels,
+                    FolderSource(test, size, device, crop), test.labels, files=list(index.files),
                     skipped=tuple(m.get("skipped", [])))
 
 

@@ -38,29 +38,13 @@ SD_VAE_CONFIG = {
 _WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        sd = load_file(str(path))
-    else:
-        # a foreign .ckpt/.pth (e.g. the official U-ViT autoencoder_kl_ema.pth): tensors only, no code
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unpickling failure is the same user problem
-            raise UserError(f"{path}: cannot read as a weights-only checkpoint ({type(e).__name__}); pass a .safetensors file") from None
-    while isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict) or not sd:
-        raise UserError(f"{path}: no state dict inside; pass an AutoencoderKL checkpoint")
-    return sd
-
-
 def _from_single_file(path: Path, config: dict | None):
     from diffusers import AutoencoderKL
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
-    sd = _read_state_dict(path)
+    from ..models.weights import read_weights
+
+    sd = read_weights(path, hint="pass the SD VAE (.safetensors or weights-only .ckpt) or a diffusers AutoencoderKL folder")
     vae = AutoencoderKL.from_config(config or SD_VAE_CONFIG)
     if not any(k.startswith(("encoder.down_blocks", "decoder.up_blocks")) for k in sd):
         sd = convert_ldm_vae_checkpoint(sd, vae.config)  # original LDM/SD key names -> diffusers
@@ -138,10 +122,13 @@ def encode_moments(vae, images: torch.Tensor, flip: bool = True) -> torch.Tensor
     return m.view(views, len(images), *m.shape[1:]).transpose(0, 1).contiguous()
 
 
-def sample_latents(moments: torch.Tensor, generator: torch.Generator | None = None, scale: float = SCALE) -> torch.Tensor:
-    """moments [n, 2c, h, w] (mean, logvar) -> z [n, c, h, w] = (mean + exp(logvar / 2) * eps) * scale."""
+def sample_latents(moments: torch.Tensor, generator: torch.Generator | None = None, scale: float = SCALE,
+                   eps: torch.Tensor | None = None) -> torch.Tensor:
+    """moments [n, 2c, h, w] (mean, logvar) -> z [n, c, h, w] = (mean + exp(logvar / 2) * eps) * scale; eps
+    ~ N(0, I) from `generator` unless given."""
     mean, logvar = moments.float().chunk(2, dim=1)
-    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    if eps is None:
+        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
     return (mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * eps) * scale
 
 

@@ -86,6 +86,9 @@ class NoiseScheduleVP:
             self.log_alpha_array = log_alphas.to(dtype)
             self.total_N = int(log_alphas.numel())
             self.t_array = torch.linspace(0.0, 1.0, self.total_N + 1, dtype=torch.float64)[1:].to(dtype)
+            # (t_array, log_alpha_array) per (device, dtype) of the times asked about: one host-to-device copy
+            # each, on first use (a copy per call would synchronise every training step and break CUDA graphs).
+            self._tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
         else:
             self.total_N = 1000
             self.beta_0 = float(continuous_beta_0)
@@ -101,10 +104,17 @@ class NoiseScheduleVP:
         n_drop = int((lambdas < clipped_lambda).sum())
         return log_alphas[: log_alphas.numel() - n_drop] if n_drop else log_alphas
 
+    def tables(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t_array, log_alpha_array) of a discrete schedule on `like`'s device and dtype, cached."""
+        key = (like.device, like.dtype)
+        if key not in self._tables:
+            self._tables[key] = (self.t_array.to(like.device, like.dtype), self.log_alpha_array.to(like.device, like.dtype))
+        return self._tables[key]
+
     def marginal_log_mean_coeff(self, t: torch.Tensor) -> torch.Tensor:
         """log alpha_t."""
         if self.schedule == "discrete":
-            return _interp(t, self.t_array, self.log_alpha_array)
+            return _interp(t, *self.tables(t))
         return -0.25 * t**2 * (self.beta_1 - self.beta_0) - 0.5 * t * self.beta_0
 
     def marginal_alpha(self, t: torch.Tensor) -> torch.Tensor:
@@ -128,7 +138,8 @@ class NoiseScheduleVP:
             delta = self.beta_0**2 + tmp
             return tmp / (torch.sqrt(delta) + self.beta_0) / (self.beta_1 - self.beta_0)
         log_alpha = -0.5 * torch.logaddexp(torch.zeros_like(lamb), -2.0 * lamb)
-        return _interp(log_alpha, self.log_alpha_array.flip(0), self.t_array.flip(0))
+        t_array, log_alpha_array = self.tables(log_alpha)
+        return _interp(log_alpha, log_alpha_array.flip(0), t_array.flip(0))
 
     def describe(self) -> dict:
         """A JSON-friendly identity of the schedule (for manifests and logs)."""

@@ -1,6 +1,7 @@
-"""Evaluation: generation metrics (torch-fidelity + our feature network), accuracy, sample grids, the report.
+"""Evaluation: generation metrics (torch-fidelity + our feature network), accuracy, sample grids, the report,
+and the paper's FID / sFID / IS / precision-recall (`python -m dpt_fast.eval`, `dpt_fast.eval.adm`).
 
-    from dpt_fast.eval import generation_metrics, save_grid, classifier_accuracy
+    from dpt_fast.eval import generation_metrics, save_grid, classifier_accuracy, evaluate
     from dpt_fast.eval.report import write_report
 
 Names are imported lazily so that `dpt_fast.eval.report` (called after every stage) does not pay for
@@ -20,6 +21,7 @@ _EXPORTS = {
     "load_feature_net": ".feature_nets",
     "shipped_feature_net": ".feature_nets",
     "write_report": ".report",
+    "evaluate": ".adm",
 }
 
 __all__ = list(_EXPORTS)

@@ -2,7 +2,7 @@
 
     space = load_space(run_dir / "stage1")       # the frozen representation stage 1 learned
     X = space.embed(images_uint8)                # [N, D] classifier inputs for any (unseen) images
-    head = fit_logreg(X_lab, y_lab, c=400.0, num_classes=10)
+    head = fit_logreg(X_lab, y_lab, c=1.0, num_classes=10)       # or models.logreg.fit_paper_logreg
     prob = head.predict_proba(space.embed(x_test))
 
 Representations (all saved as safetensors / npz / JSON, never pickled):
@@ -10,13 +10,16 @@ Representations (all saved as safetensors / npz / JSON, never pickled):
   images only (transductive); an unseen image is placed at the similarity-weighted mean of the UMAP coordinates
   of its k nearest training images in SimCLR feature space, so nothing of UMAP itself needs to be persisted.
 - `PcaSpace`: PCA of the raw pixels (the simple baseline).
-- `BackboneSpace`: frozen timm backbone features, centred and L2-normalised (the paper's MSN recipe).
+- `BackboneSpace`: frozen MSN (or timm) backbone features, centred and L2-normalised (the paper's recipe).
 
-The head is the paper's multinomial logistic regression with an L2 penalty. The paper's lambda = 0.0025 / N
-on the objective (1/N) sum(loss) + lambda/2 ||w||^2 is scikit-learn's C = 1 / (N lambda) = 400.
+The head is a multinomial logistic regression with an L2 penalty: on backbone features the paper's (no
+intercept, lambda = 0.0025 / N on (1/N) sum(loss) + lambda/2 ||w||^2, cyanure's solution: `models.logreg`),
+on the other representations scikit-learn's with an intercept (`fit_logreg`). Both are written as strength
+C = 1 / (N lambda): the paper's is C = 400.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from dataclasses import dataclass
@@ -31,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from ..utils import (REBUILD, UserError, atomic_path, load_npz, load_safetensors, read_json, safetensors_metadata,
                      save_npz, write_json)
 from .encoder import ConvEncoder, encode
+from .weights import read_weights
 
 PAPER_LOGREG_C = 400.0  # = 1 / (N * lambda) with the paper's lambda = 0.0025 / N
 
@@ -58,16 +62,24 @@ class LinearHead:
     def predict(self, x: np.ndarray) -> np.ndarray:
         return self.logits(x).argmax(axis=1).astype(np.int64)
 
-    def label_prob(self, x: np.ndarray, labels: np.ndarray | None = None, rows: int = 16384
-                   ) -> tuple[np.ndarray, np.ndarray]:
+    def label_prob(self, x: np.ndarray, labels: np.ndarray | None = None, rows: int = 16384,
+                   device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
         """(arg-max class int64 [N], probability float32 [N] of `labels`, or of the arg-max when None), computed
-        `rows` at a time, so that x may be a memory-mapped [N, D] array and [N, K] never exists at once."""
+        `rows` at a time in float64 on `device` (pinned, non-blocking copies to a GPU), so that x may be a
+        memory-mapped [N, D] array (1.28M ImageNet rows) and [N, K] never exists at once."""
+        dev = torch.device(device)
+        coef = torch.from_numpy(np.asarray(self.coef, np.float64)).to(dev)
+        intercept = torch.from_numpy(np.asarray(self.intercept, np.float64)).to(dev)
         pred, prob = np.zeros(len(x), np.int64), np.zeros(len(x), np.float32)
         for i in range(0, len(x), rows):
-            p = self.predict_proba(np.asarray(x[i:i + rows]))
-            pred[i:i + len(p)] = p.argmax(1)
-            pick = pred[i:i + len(p)] if labels is None else labels[i:i + len(p)]
-            prob[i:i + len(p)] = p[np.arange(len(p)), pick]
+            xc = torch.from_numpy(np.ascontiguousarray(x[i:i + rows], np.float64))
+            if dev.type == "cuda":
+                xc = xc.pin_memory()
+            p = torch.softmax(xc.to(dev, non_blocking=True) @ coef.T + intercept, dim=1)
+            top = p.argmax(1)
+            pick = top if labels is None else torch.from_numpy(np.asarray(labels[i:i + len(p)], np.int64)).to(dev)
+            pred[i:i + len(p)] = top.cpu().numpy()
+            prob[i:i + len(p)] = p.gather(1, pick[:, None])[:, 0].float().cpu().numpy()
         return pred, prob
 
     def save(self, path: str | Path) -> None:
@@ -239,66 +251,112 @@ def load_encoder(path: Path, fix: str = REBUILD) -> tuple[ConvEncoder, dict]:
 
 
 
-class BackboneSpace:
-    """Frozen timm backbone features, each row centred (minus its own mean) and L2-normalised.
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+PRECISIONS = ("auto", "fp32", "tf32", "bf16", "fp16")
 
-    This is the paper's recipe for MSN features (cyanure `preprocess(centering=True, normalize=True,
-    columns=False)` works on rows). Weights come from a local file (safetensors, or a .pth/.pt/.bin loaded
-    with weights_only=True); nothing is downloaded. Each image's central `crop` fraction is resized to the
-    model's input size and normalised with its mean/std; grey images are repeated to 3 channels.
+
+class BackboneSpace:
+    """Frozen backbone features, each row centred (minus its own mean) and L2-normalised.
+
+    `name="msn"`: an official MSN checkpoint through `models.msn.load_msn` (DPT's stage-1 feature: the CLS
+    token after the last block, before the final norm); any other name: a timm model (`num_classes=0`). Rows
+    are preprocessed as the paper's classifier wants them (cyanure `preprocess(centering=True, normalize=True,
+    columns=False)` works on rows). Weights come from a local file through `models.weights.read_weights`
+    (safetensors, or torch files with weights_only=True); nothing is downloaded.
+
+    Input transform, for every backbone: the MSN / DPT evaluation transform -- torchvision `Resize(R)`
+    (bilinear, antialiased) + `CenterCrop(S)`, then ToTensor and the model's mean/std (ImageNet's for MSN) --
+    with S the input side (`image_size`, else the model's: 224 for MSN) and R = round(S / crop) (`crop`
+    0 = the backbone's: 0.875 for MSN, i.e. Resize 256 + CenterCrop 224, as DPT; 1.0 for timm models). Files
+    streamed from an ImageFolder are decoded with exactly that transform (`source_for`: PIL as torchvision
+    does it, or DALI within a grey level); in-memory arrays and generated images get it on uint8 tensors
+    (a 256 px generated image is not resized, only cropped: exact). Grey images are repeated to 3 channels.
+
+    Speed (`precision`): "auto" = bf16 autocast with TF32 on CUDA, fp32 on CPU; "fp16" = the official
+    accelerate `--mixed_precision fp16`; "tf32" / "fp32" = fp32 weights with / without TF32. On CUDA the
+    images travel from pinned memory without blocking and the network runs channels_last.
     """
 
     kind = "backbone"
 
     def __init__(self, name: str, weights: str, device: torch.device | str = "cpu", image_size: int = 0,
-                 batch_size: int = 128, crop: float = 1.0):
-        import timm
-
+                 batch_size: int = 128, crop: float = 0.0, precision: str = "auto"):
         path = Path(weights).expanduser()
         if not weights or not path.is_file():
             raise UserError(f"stage1.backbone_weights={weights!r}: no such file; point it at local weights for "
-                            f"stage1.backbone={name} (nothing is downloaded)")
-        kwargs = {"img_size": image_size} if image_size else {}
-        try:
-            model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
-        except RuntimeError as e:  # timm: "Unknown model (...)"
-            raise UserError(f"stage1.backbone={name}: {e}; use a timm model name") from None
-        except TypeError:
-            raise UserError(f"stage1.backbone={name} takes no image size; set stage1.backbone_image_size=0") from None
-        state = _read_weights(path)
-        missing, _ = model.load_state_dict(state, strict=False)
-        if missing:
-            raise UserError(f"{path}: {len(missing)} weights of {name} are missing (e.g. {missing[0]}); "
-                            "is it a checkpoint of this architecture?")
-        cfg = timm.data.resolve_model_data_config(model)
-        self.name, self.weights, self.device, self.batch_size = name, str(path.resolve()), torch.device(device), batch_size
-        self.image_size, self.crop = image_size, crop
-        self.input_size = (image_size, image_size) if image_size else tuple(cfg["input_size"][1:])
-        self.mean = torch.tensor(cfg["mean"]).view(1, 3, 1, 1).to(self.device)
-        self.std = torch.tensor(cfg["std"]).view(1, 3, 1, 1).to(self.device)
-        self.model = model.eval().to(self.device)
+                            f"stage1.backbone={name or '<msn or a timm name>'} (nothing is downloaded)")
+        if precision not in PRECISIONS:
+            raise UserError(f"stage1.backbone_precision={precision!r} is not one of {', '.join(PRECISIONS)}")
+        self.device = torch.device(device)
+        if name == "msn":
+            from .msn import load_msn
+
+            model = load_msn(path)
+            side, mean, std, default_crop = image_size or 224, IMAGENET_MEAN, IMAGENET_STD, 0.875
+        else:
+            model, side, mean, std = _timm_backbone(name, path, image_size)
+            default_crop = 1.0
+        self.name, self.weights, self.batch_size = name, str(path.resolve()), batch_size
+        self.image_size, self.crop = image_size, crop or default_crop
+        self.input_size = (side, side)
+        self.resize = int(round(side / self.crop))
+        self.precision = precision if precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
+        self.mean = torch.tensor(mean).view(1, 3, 1, 1).to(self.device)
+        self.std = torch.tensor(std).view(1, 3, 1, 1).to(self.device)
+        self.model = model.eval().requires_grad_(False).to(self.device)
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.dim = int(model.num_features)
 
     def identity(self) -> dict:
         """What the features of an image depend on (keys the on-disk feature caches): model, weights, input."""
         st = Path(self.weights).stat()
         return {"backbone": self.name, "weights": self.weights, "weights_bytes": st.st_size,
-                "weights_mtime_ns": st.st_mtime_ns, "input_size": list(self.input_size), "crop": self.crop}
+                "weights_mtime_ns": st.st_mtime_ns, "input_size": list(self.input_size), "crop": self.crop,
+                "resize": self.resize, "precision": self.precision}
+
+    def source_for(self, source):
+        """(source, transformed): an ImageFolder source re-decoded with this backbone's transform (then
+        `embed_tensor(..., transformed=True)`), any other source as it is."""
+        from ..data.stream import FolderSource
+
+        if isinstance(source, FolderSource):
+            return source.with_crop(self.input_size[0], "eval", self.resize), True
+        return source, False
+
+    def transform(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [n, C, H, W] -> uint8 [n, C, S, S]: Resize(R) + CenterCrop(S), as torchvision on tensors."""
+        import torchvision.transforms.functional as TF
+
+        x = TF.resize(images, [self.resize], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+        return TF.center_crop(x, list(self.input_size))
+
+    def _forward_context(self):
+        if self.device.type != "cuda":
+            return torch.autocast("cpu", torch.bfloat16) if self.precision == "bf16" else contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(_tf32(self.precision != "fp32"))
+        if self.precision in ("bf16", "fp16"):
+            stack.enter_context(torch.autocast("cuda", torch.bfloat16 if self.precision == "bf16" else torch.float16))
+        return stack
 
     @torch.no_grad()
-    def embed_tensor(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 [n, C, H, W] (C = 1 or 3, on any device) -> float32 [n, dim] on the CPU."""
-        x = images.to(self.device, non_blocking=True).float().div_(255.0)
+    def embed_tensor(self, images: torch.Tensor, transformed: bool = False) -> torch.Tensor:
+        """uint8 [n, C, H, W] (C = 1 or 3, on any device) -> float32 [n, dim] on the CPU.
+
+        transformed: the images already went through this backbone's Resize + CenterCrop (`source_for`)."""
+        if images.device.type == "cpu" and self.device.type == "cuda":
+            images = images.pin_memory()
+        x = images.to(self.device, non_blocking=True)
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
-        if self.crop < 1.0:  # the central crop, at integer offsets (as torchvision's CenterCrop)
-            h, w = x.shape[2:]
-            ch, cw = max(1, round(h * self.crop)), max(1, round(w * self.crop))
-            top, left = (h - ch) // 2, (w - cw) // 2
-            x = x[:, :, top:top + ch, left:left + cw]
-        if tuple(x.shape[2:]) != self.input_size:
-            x = F.interpolate(x, size=self.input_size, mode="bicubic", antialias=True, align_corners=False)
-        f = self.model((x - self.mean) / self.std).float()
+        if not transformed:
+            x = self.transform(x)
+        x = (x.float().div_(255.0) - self.mean) / self.std
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self._forward_context():
+            f = self.model(x).float()
         return F.normalize(f - f.mean(dim=1, keepdim=True), dim=1).cpu()
 
     def embed(self, images: np.ndarray, progress: bool = False) -> np.ndarray:
@@ -314,36 +372,43 @@ class BackboneSpace:
     def save(self, directory: Path) -> None:
         write_json(directory / "space.json", {"kind": self.kind, "backbone": self.name, "weights": self.weights,
                                               "image_size": self.image_size, "crop": self.crop,
-                                              "batch_size": self.batch_size, "dim": self.dim})
+                                              "batch_size": self.batch_size, "dim": self.dim,
+                                              "precision": self.precision})
 
     @classmethod
     def load(cls, directory: Path, meta: dict, device: torch.device | str = "cpu") -> "BackboneSpace":
         return cls(meta["backbone"], meta["weights"], device, int(meta.get("image_size", 0)),
-                   int(meta.get("batch_size", 128)), float(meta.get("crop", 1.0)))
+                   int(meta.get("batch_size", 128)), float(meta.get("crop", 1.0)), meta.get("precision", "auto"))
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from safetensors or a weights-only torch file; common wrappers and prefixes removed."""
-    if path.suffix == ".safetensors":
-        state = load_file(str(path))
-    else:
-        try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
-            raise UserError(f"{path}: cannot read weights ({type(e).__name__}); use safetensors or a plain state dict") from None
-    for key in ("state_dict", "model", "target_encoder", "encoder"):  # training checkpoints (MSN: target_encoder)
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    if not isinstance(state, dict):
-        raise UserError(f"{path}: expected a state dict of tensors")
-    out = {}
-    for k, v in state.items():
-        for prefix in ("module.", "backbone."):
-            if k.startswith(prefix):
-                k = k[len(prefix):]
-        out[k] = v
-    return out
+@contextlib.contextmanager
+def _tf32(on: bool):
+    """TF32 matmuls and convolutions on CUDA while inside (fp32 weights at tensor-core speed)."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def _timm_backbone(name: str, path: Path, image_size: int):
+    """(model, input side, mean, std) of a timm backbone with local weights."""
+    import timm
+
+    kwargs = {"img_size": image_size} if image_size else {}
+    try:
+        model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+    except RuntimeError as e:  # timm: "Unknown model (...)"
+        raise UserError(f"stage1.backbone={name}: {e}; use msn or a timm model name") from None
+    except TypeError:
+        raise UserError(f"stage1.backbone={name} takes no image size; set stage1.backbone_image_size=0") from None
+    missing, _ = model.load_state_dict(read_weights(path, hint=f"pass weights of the timm model {name}"), strict=False)
+    if missing:
+        raise UserError(f"{path}: {len(missing)} weights of {name} are missing (e.g. {missing[0]}); "
+                        "is it a checkpoint of this architecture?")
+    cfg = timm.data.resolve_model_data_config(model)
+    return model, image_size or int(cfg["input_size"][-1]), tuple(cfg["mean"]), tuple(cfg["std"])
 
 
 _SPACES = {"simclr_umap": SimclrUmapSpace, "pca": PcaSpace, "backbone": BackboneSpace}

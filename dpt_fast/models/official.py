@@ -7,15 +7,14 @@ from the tensor shapes, check the keys, load.
     model = load_official_uvit("imagenet256_uvit_huge.pth")          # U-ViT-H/2, num_heads from the width
     model = load_official_uvit(state_dict, num_heads=8, use_checkpoint=True)
 
-`.pth` files are read with `torch.load(weights_only=True)`; `.safetensors` with safetensors (with the JSON of
-constructor kwargs that `python -m dpt_fast.convert` writes beside it, when present).
+Files are read by `dpt_fast.models.weights.read_weights` (`.pth` with `torch.load(weights_only=True)`,
+`.safetensors` with safetensors, plus the JSON of constructor kwargs that `python -m dpt_fast.convert` writes
+beside it, when present); `{'nnet_ema': ...}`-style nesting and DDP/compile key prefixes are removed there.
 """
 from __future__ import annotations
 
 import json
 import math
-import pickle
-import re
 from pathlib import Path
 from typing import Any, Mapping, Union
 
@@ -23,64 +22,13 @@ import torch
 
 from ..utils import UserError
 from .uvit import UViT
+from .weights import first_line, read_weights, unwrap
 
 StateDict = Mapping[str, torch.Tensor]
 
 # Widths of the paper's models -> their head count (the weights do not record it).
 HEADS_BY_WIDTH = {512: 8, 768: 12, 1024: 16, 1152: 16}
-_WRAPPERS = ("nnet_ema", "nnet", "ema", "model", "state_dict")
-_PREFIXES = ("module.", "_orig_mod.")
-
-
-def read_state_dict(path: Union[str, Path]) -> dict[str, torch.Tensor]:
-    """Tensors of a .pth (weights only, never arbitrary pickle code) or .safetensors file, on CPU."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such checkpoint file; pass the path of an official nnet.pth / nnet_ema.pth")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path), device="cpu")
-        except Exception as e:  # safetensors raises its own error types for torn or foreign files
-            raise UserError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if found:
-            raise UserError(f"{path}: refused, it holds pickled objects other than tensors (it calls "
-                            f"{found.group(1)}); only weight files (a state_dict) are loaded") from None
-        detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
-        raise UserError(f"{path}: not a readable PyTorch weights file "
-                        f"({detail.group(1).strip() if detail else _first_line(e)})") from None
-    except Exception as e:
-        raise UserError(f"{path}: not a readable PyTorch weights file ({_first_line(e)})") from None
-    if not isinstance(obj, Mapping):
-        raise UserError(f"{path}: holds a {type(obj).__name__}, not a state_dict of tensors")
-    return dict(obj)
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [s.strip() for s in str(e).splitlines() if s.strip()]
-    return lines[0][:200] if lines else type(e).__name__
-
-
-def unwrap_state_dict(sd: Mapping[str, Any], source: str = "state dict") -> dict[str, torch.Tensor]:
-    """The U-ViT tensors of `sd`: unwraps {'nnet_ema': {...}}-style nesting and DDP/compile key prefixes."""
-    if "pos_embed" not in sd:
-        for key in _WRAPPERS:
-            if isinstance(sd.get(key), Mapping):
-                return unwrap_state_dict(sd[key], source)
-    out = {}
-    for k, v in sd.items():
-        for p in _PREFIXES:
-            if k.startswith(p):
-                k = k[len(p):]
-        if not isinstance(v, torch.Tensor):
-            raise UserError(f"{source}: entry '{k}' is a {type(v).__name__}, not a tensor; pass a U-ViT state_dict")
-        out[k] = v
-    return out
+_HINT = "pass an official U-ViT / DPT nnet.pth or nnet_ema.pth"
 
 
 def infer_uvit_kwargs(sd: StateDict, source: str = "state dict") -> dict[str, Any]:
@@ -126,7 +74,7 @@ def load_official_uvit(path_or_state_dict: Union[str, Path, StateDict], **kwargs
     """
     if isinstance(path_or_state_dict, (str, Path)):
         source = str(path_or_state_dict)
-        sd = read_state_dict(path_or_state_dict)
+        sd = read_weights(path_or_state_dict, _HINT)
         meta = Path(path_or_state_dict).with_suffix(".json")
         if Path(path_or_state_dict).suffix == ".safetensors" and meta.is_file():
             try:
@@ -134,8 +82,7 @@ def load_official_uvit(path_or_state_dict: Union[str, Path, StateDict], **kwargs
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise UserError(f"{meta}: not the JSON that dpt_fast.convert writes; delete it or fix it") from None
     else:
-        source, sd = "state dict", path_or_state_dict
-    sd = unwrap_state_dict(sd, source)
+        source, sd = "state dict", unwrap(path_or_state_dict, "state dict", _HINT)
     arch = {**infer_uvit_kwargs(sd, source), **kwargs}
     if "num_heads" not in arch:
         raise UserError(f"{source}: embed_dim {arch['embed_dim']} is not one of the paper's widths "
@@ -145,7 +92,7 @@ def load_official_uvit(path_or_state_dict: Union[str, Path, StateDict], **kwargs
     try:
         model = UViT(**arch)
     except (TypeError, ValueError) as e:
-        raise UserError(f"{source}: cannot build a U-ViT with {arch}: {_first_line(e)}") from None
+        raise UserError(f"{source}: cannot build a U-ViT with {arch}: {first_line(e)}") from None
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]

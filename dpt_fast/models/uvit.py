@@ -123,7 +123,10 @@ class Block(nn.Module):
 
     def _forward(self, x: torch.Tensor, skip: Optional[torch.Tensor], c: Optional[torch.Tensor]) -> torch.Tensor:
         if self.skip_linear is not None:
-            x = self.skip_linear(torch.cat([x, skip], dim=-1))
+            # Under autocast the Linear gives bf16: back to the residual stream's dtype (fp32 under autocast, as
+            # in the in-blocks, where the fp32 embeddings promote it), so that every block adds and normalises in
+            # fp32, the setting the fused LayerNorm kernels are built and register-checked for (FWD_SIGNATURE).
+            x = self.skip_linear(torch.cat([x, skip], dim=-1)).to(x.dtype)
         # The attention branch's residual add is fused with norm2 (one pass over x instead of two).
         if self.adaLN_modulation is None:
             h = ops.layer_norm(x, self.norm1.weight, self.norm1.bias, self.norm1.eps)

@@ -1,6 +1,7 @@
 """The fused DPM-Solver step update: Python front of `torch.ops.dpt_fast.dpm_solver_update` + its reference.
 
-One call per model evaluation of the sampler, one pass over memory (csrc/dpm_solver_update.{h,cpp,cu}):
+One call per model evaluation of the sampler, one pass over memory (csrc/dpm_solver_update.{h,cpp} and
+csrc/dpm_solver_update_cuda.cu):
 
     o          = model_out                        model_out [B, ...]
     o          = o_u + g * (o_c - o_u)            model_out [2B, ...] = [cond; uncond]  (classifier-free guidance)

@@ -376,7 +376,8 @@ class DPMSolver:
         backend: the per-step update: 'auto' | 'cpp' | 'python' (see `dpt_fast.ops.dpm_solver_update`).
         cuda_graph: on CUDA, capture the whole sampling loop once per input shape and replay it (the model must
             be capture-safe: no host syncs; conditioning tensors are read in place, so update them with copy_).
-            Falls back to eager with a warning if capture fails.
+            Whether it is, is checked before capturing (`_capture_blocker`); if not, or if the capture fails, the
+            loop runs eagerly with a warning and `graph_fallback` says why.
     """
 
     def __init__(self, model_fn: Callable, noise_schedule: NoiseScheduleVP, algorithm_type: str = "dpmsolver++", *,
@@ -392,6 +393,7 @@ class DPMSolver:
         self._plans: dict[tuple, _Plan] = {}
         self._graphs: dict[tuple, Any] = {}
         self.last_nfe: Optional[int] = None  # model evaluations of the last `sample` call
+        self.graph_fallback: Optional[str] = None  # why CUDA graphs were asked for but not used (None: not so)
 
     # ---- time steps (the reference's) ----
     def get_time_steps(self, skip_type: str, t_T: float, t_0: float, N: int, device=None) -> torch.Tensor:
@@ -550,19 +552,18 @@ class DPMSolver:
         if entry is None:
             static_x = x.clone()
             t_vecs = [torch.full((x.shape[0],), float(t), dtype=t_dtype, device=x.device) for t in plan.times]
-            try:
-                # Warm up on a side stream (lazy library init, allocator, autotuning) with two evaluations.
-                side = torch.cuda.Stream(device=x.device)
-                side.wait_stream(torch.cuda.current_stream(x.device))
-                with torch.cuda.stream(side):
-                    self._loop(static_x, plan, t_vecs, backend, n_evals=min(2, plan.times.numel()))
-                torch.cuda.current_stream(x.device).wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    static_out = self._loop(static_x, plan, t_vecs, backend)
-            except Exception as e:  # a model that cannot be captured still samples, eagerly
-                log.warning(f"CUDA graph capture of the sampling loop failed ({type(e).__name__}: {e}); running eagerly")
+            reason = self._capture_blocker(static_x, plan, t_vecs, backend)
+            if reason is None:
+                try:
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        static_out = self._loop(static_x, plan, t_vecs, backend)
+                except Exception as e:  # not foreseen by the check: still sample, eagerly, and say so
+                    reason = f"capture failed ({type(e).__name__}: {_first_line(e)})"
+            if reason is not None:
+                self.graph_fallback = reason
                 self.cuda_graph = False
+                log.warning(f"CUDA graph sampling is off, the loop runs eagerly: {reason}")
                 return self._loop(x, plan, t_vecs, backend)
             entry = self._graphs[key] = (graph, static_x, static_out, t_vecs)
             log.info(f"captured the {plan.times.numel()}-evaluation sampling loop in a CUDA graph for shape {tuple(x.shape)}")
@@ -570,6 +571,33 @@ class DPMSolver:
         static_x.copy_(x)
         graph.replay()
         return static_out.clone()
+
+    def _capture_blocker(self, x: torch.Tensor, plan: _Plan, t_vecs: list[torch.Tensor], backend: str) -> Optional[str]:
+        """Why the loop cannot be captured, found before capturing (None: it can). On a side stream: two eager
+        evaluations (lazy initialisation, device caches such as the schedule's tables, kernel autotuning), then two
+        more under torch's sync debug mode, where every host synchronisation (.item(), a pageable or blocking copy,
+        a CPU tensor moved to the device) raises -- each of which would break the capture."""
+        n = min(2, plan.times.numel())
+        side = torch.cuda.Stream(device=x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        try:
+            with torch.cuda.stream(side):
+                self._loop(x, plan, t_vecs, backend, n_evals=n)
+                mode = torch.cuda.get_sync_debug_mode()
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    self._loop(x, plan, t_vecs, backend, n_evals=n)
+                finally:
+                    torch.cuda.set_sync_debug_mode(mode)
+        except Exception as e:
+            return f"the model or the update synchronises with the host ({type(e).__name__}: {_first_line(e)})"
+        finally:
+            torch.cuda.current_stream(x.device).wait_stream(side)
+        return None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:200]
 
 
 # The reference's class name, for code written against `dpm_solver_pytorch.py`.

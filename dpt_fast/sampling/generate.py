@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..diffusion.schedule import NoiseScheduleVP, model_time
+from ..diffusion.train import autocast_dtype
 from ..distributed import barrier, rank_world
 from ..ops.dpm_solver_update import resolve_backend
 from ..utils import UserError, file_sha256, load_npz, log, read_json, save_npz, write_json
@@ -134,6 +135,7 @@ def generate(
     device: str | torch.device,
     backend: str = "auto",
     cuda_graph: bool = True,
+    precision: str = "auto",
     decode: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     progress: bool = True,
     t_end: Optional[float] = None,
@@ -163,8 +165,10 @@ def generate(
         shard_size: images per shard file.
         seed: the generation seed (with class and index it fixes each image's noise).
         device: where to sample ('cpu', 'cuda', 'cuda:N').
-        backend: per-step update 'auto' | 'cpp' | 'python'. cuda_graph: capture the sampling loop on CUDA.
-            On CUDA the model runs under bf16 autocast; the solver state stays float32.
+        backend: per-step update 'auto' | 'cpp' | 'python'. cuda_graph: capture the sampling loop on CUDA (checked
+            before capture; a fallback to eager is logged and returned as 'cuda_graph_fallback').
+        precision: the network's, 'auto' (bf16 autocast on CUDA, fp32 on CPU) | 'fp32' | 'bf16'; part of the
+            generation's identity. The solver state stays float32.
         decode: optional `decode(z) -> x` in [-1, 1], [N, 3, H', W'] (e.g. a VAE decoder) applied per batch.
         progress: tqdm bar with images/s.
         model_id: identifies the model weights in the manifest (e.g. a checkpoint step) so that new weights never
@@ -173,8 +177,8 @@ def generate(
 
     Returns:
         {'images', 'generated', 'shards', 'skipped_shards', 'seconds', 'images_per_second', 'nfe', 'backend',
-         'cuda_graph', 'out_dir'}; images_per_second counts this call's images (or the last run's when all shards
-         were already there).
+         'precision', 'cuda_graph', 'cuda_graph_fallback', 'out_dir'}; images_per_second counts this call's images
+         (or the last run's when all shards were already there); nfe = model evaluations per image batch.
     """
     if labels is not None:
         labels_all = np.asarray(labels, dtype=np.int64).reshape(-1)
@@ -185,16 +189,17 @@ def generate(
         raise UserError("generate: need at least one class and k_per_class, gen.batch_size, gen.shard_size >= 1")
     if on_mismatch not in ("regenerate", "error"):
         raise ValueError(f"on_mismatch={on_mismatch!r}; use 'regenerate' or 'error'")
-    device = torch.device(device)
-    out_dir = Path(out_dir)
+    device, out_dir = torch.device(device), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rank, world = rank_world()
     if t_end is None:
         t_end = 1e-4 if schedule.schedule == "linear" else 1.0 / schedule.total_N
-    backend = resolve_backend(backend, device)
-    use_graph = cuda_graph and device.type == "cuda"
+    solver_args = dict(steps=steps, t_end=t_end, order=order, skip_type=skip_type, method=method,
+                       lower_order_final=lower_order_final, denoise_to_zero=denoise_to_zero)
+    amp = autocast_dtype(precision, device)
 
-    if labels is None:
+    # Item j: (class, per-class index); shard s holds items [s * shard_size, (s + 1) * shard_size).
+    if labels is None:  # j -> (classes[j % C], j // C)
         C, n = len(classes), len(classes) * k_per_class
         labels_all = np.array([classes[j % C] for j in range(n)], dtype=np.int64)
         index_all = np.arange(n, dtype=np.int64) // C
@@ -215,18 +220,9 @@ def generate(
         "steps": steps, "order": order, "method": method, "algorithm": algorithm, "skip_type": skip_type,
         "t_end": float(t_end), "lower_order_final": lower_order_final, "denoise_to_zero": denoise_to_zero,
         "seed": int(seed), "shard_size": int(shard_size), "schedule": schedule.describe(), "model_id": model_id,
-        "decoded": decode is not None,
+        "decoded": decode is not None, "precision": "bf16" if amp is not None else "fp32",
     }
-
-    if rank == 0:
-        previous = _prepare_dir(out_dir, identity, on_mismatch)
-        for p in out_dir.glob("shard-*.npz"):  # a smaller K leaves shards beyond the new count
-            if int(p.stem.split("-")[1]) >= n_shards:
-                p.unlink()
-        write_json(out_dir / MANIFEST, {**previous, "format": FORMAT, "identity": identity, "k_per_class": k_per_class or None,
-                                        "num_images": n, "num_shards": n_shards, "complete": False})
-    barrier()
-    previous = read_json(out_dir / MANIFEST)
+    previous = _open_manifest(out_dir, identity, on_mismatch, k_per_class or None, n, n_shards)
 
     def shard_items(s: int) -> slice:
         return slice(s * shard_size, min(n, (s + 1) * shard_size))
@@ -236,58 +232,23 @@ def generate(
     todo = [s for s in mine if not _shard_ok(_shard_path(out_dir, s), labels_all[shard_items(s)], index_all[shard_items(s)],
                                              recorded.get(str(s)))]
 
-    # One solver per batch size (the conditioning lives in a per-size buffer the wrapper reads in place, so a
-    # captured CUDA graph sees each new batch's labels after copy_).
-    samplers: dict[int, tuple[torch.Tensor, DPMSolver]] = {}
-
-    def net(x, t, y):
-        if device.type == "cuda":
-            with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):  # required under CUDA graph capture
-                return model(x, t, y)
-        return model(x, t, y)
-
-    def sampler_for(b: int) -> tuple[torch.Tensor, DPMSolver]:
-        if b not in samplers:
-            y = torch.full((b,), int(null_class), dtype=torch.int64, device=device)
-            y_null = torch.full((b,), int(null_class), dtype=torch.int64, device=device)
-            fn = model_wrapper(net, schedule, "noise", guidance_type="classifier-free", condition=y,
-                               unconditional_condition=y_null, guidance_scale=1.0 + float(cfg_scale),
-                               model_time_fn=model_time)  # the U-ViT's time input (999 t / N t)
-            samplers[b] = (y, DPMSolver(fn, schedule, algorithm, backend=backend, cuda_graph=use_graph))
-        return samplers[b]
-
-    def sample_batch(lab: np.ndarray, idx: np.ndarray) -> np.ndarray:
-        b = len(lab)
-        width = batch_size if use_graph else b  # one captured graph: pad short batches
-        x = item_noise(seed, lab, idx, shape)
-        y_host = torch.as_tensor(lab)
-        if width > b:
-            x = torch.cat([x, x.new_zeros((width - b, *x.shape[1:]))])
-            y_host = torch.cat([y_host, y_host.new_full((width - b,), int(null_class))])
-        y, solver = sampler_for(width)
-        y.copy_(y_host)
-        z = solver.sample(x.to(device), steps=steps, t_end=t_end, order=order, skip_type=skip_type, method=method,
-                          lower_order_final=lower_order_final, denoise_to_zero=denoise_to_zero)[:b]
-        return _to_uint8(decode(z) if decode is not None else z)
-
-    try:  # bad sampler settings fail here, before any work, as one-line errors
-        sampler_for(min(batch_size, n))[1]._plan(steps, None, t_end, order, skip_type, method, lower_order_final,
-                                                 denoise_to_zero, "dpmsolver")
-    except ValueError as e:
-        raise UserError(f"sample settings: {e}") from None
+    sampler = BatchSampler(model, schedule, null_class, cfg_scale, algorithm, resolve_backend(backend, device),
+                            cuda_graph and device.type == "cuda", amp, device, batch_size, solver_args)
+    nfe = sampler.check(min(batch_size, n))  # bad sampler settings fail here, before any work
     n_todo = sum(shard_items(s).stop - shard_items(s).start for s in todo)
     if todo:
         log.info(f"generating {n_todo} images ({len(todo)} of {n_shards} shards{f', rank {rank}/{world}' if world > 1 else ''}) "
                  f"into {out_dir}: {algorithm} {method} order {order}, {steps} steps, cfg {cfg_scale}, batch {batch_size}, "
-                 f"{backend} update{', CUDA graph' if use_graph else ''}")
+                 f"{sampler.backend} update, {identity['precision']}{', CUDA graph' if sampler.graph else ''}")
+
     t0 = time.perf_counter()
     bar = tqdm(total=n_todo, unit="img", desc="generate", disable=not progress or rank != 0, dynamic_ncols=True)
     for s in todo:
-        sl = shard_items(s)
-        lab, idx = labels_all[sl], index_all[sl]
+        lab, idx = labels_all[shard_items(s)], index_all[shard_items(s)]
         images = []
         for i in range(0, len(lab), batch_size):
-            images.append(sample_batch(lab[i: i + batch_size], idx[i: i + batch_size]))
+            z = sampler(item_noise(seed, lab[i: i + batch_size], idx[i: i + batch_size], shape), lab[i: i + batch_size])
+            images.append(_to_uint8(decode(z) if decode is not None else z))
             bar.update(len(images[-1]))
         save_npz(_shard_path(out_dir, s), images=np.concatenate(images), labels=lab, index=idx)
     bar.close()
@@ -301,18 +262,100 @@ def generate(
     barrier()
 
     rate = n_todo / seconds if n_todo and seconds > 0 else float(previous.get("images_per_second", 0.0))
-    if rank == 0:
+    _close_manifest(out_dir, n_shards, rate, seconds, hashes)
+    return {"images": n, "generated": n_todo, "shards": n_shards, "skipped_shards": len(mine) - len(todo),
+            "seconds": seconds, "images_per_second": rate, "nfe": nfe, "backend": sampler.backend,
+            "precision": identity["precision"], "cuda_graph": sampler.graph and sampler.fallback is None,
+            "cuda_graph_fallback": sampler.fallback, "out_dir": str(out_dir)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers of generate
+# ----------------------------------------------------------------------------------------------
+def _open_manifest(out_dir: Path, identity: dict, on_mismatch: str, k_per_class: Optional[int], n: int,
+                   n_shards: int) -> dict:
+    """Rank 0 checks the directory against `identity` (clearing stale shards) and writes the open manifest; every
+    rank then returns it (the previous run's entries, such as its images_per_second, included)."""
+    if rank_world()[0] == 0:
+        previous = _prepare_dir(out_dir, identity, on_mismatch)
+        for p in out_dir.glob("shard-*.npz"):  # a smaller K leaves shards beyond the new count
+            if int(p.stem.split("-")[1]) >= n_shards:
+                p.unlink()
+        write_json(out_dir / MANIFEST, {**previous, "format": FORMAT, "identity": identity, "k_per_class": k_per_class,
+                                        "num_images": n, "num_shards": n_shards, "complete": False})
+    barrier()
+    return read_json(out_dir / MANIFEST)
+
+
+def _close_manifest(out_dir: Path, n_shards: int, rate: float, seconds: float, hashes: dict[str, str]) -> None:
+    """Rank 0 marks the generation complete once every shard is on disk (after all ranks are done), with each
+    shard's sha256 (`hashes`: {shard number: hex})."""
+    if rank_world()[0] == 0:
         missing = [s for s in range(n_shards) if not _shard_path(out_dir, s).is_file()]
         if missing:
             raise UserError(f"{out_dir}: shards {missing[:5]} are missing after generation; re-run to complete them")
         write_json(out_dir / MANIFEST, {**read_json(out_dir / MANIFEST), "complete": True, "shard_sha256": hashes,
-                                        "images_per_second": rate,
-                                        "last_run_seconds": seconds})
+                                        "images_per_second": rate, "last_run_seconds": seconds})
     barrier()
-    nfe = next(iter(samplers.values()))[1].last_nfe if samplers else None
-    return {"images": n, "generated": n_todo, "shards": n_shards, "skipped_shards": len(mine) - len(todo),
-            "seconds": seconds, "images_per_second": rate, "nfe": nfe, "backend": backend, "cuda_graph": use_graph,
-            "out_dir": str(out_dir)}
+
+
+class BatchSampler:
+    """Initial noise + labels -> x at t_end for one batch: classifier-free guided DPM-Solver on the device.
+
+    One solver per batch width (the conditioning lives in a per-width buffer the model wrapper reads in place, so a
+    captured CUDA graph sees each new batch's labels after copy_); with CUDA graphs every batch is padded to
+    `batch_size`, so one graph serves them all. The network runs under bf16 autocast when `amp` says so
+    (cache_enabled=False, as graph capture requires).
+    """
+
+    def __init__(self, model, schedule, null_class, cfg_scale, algorithm, backend, graph, amp, device, batch_size,
+                 solver_args):
+        self.model, self.schedule, self.null, self.scale = model, schedule, int(null_class), 1.0 + float(cfg_scale)
+        self.algorithm, self.backend, self.graph, self.amp, self.device = algorithm, backend, graph, amp, device
+        self.batch_size, self.solver_args = batch_size, solver_args
+        self.solvers: dict[int, tuple[torch.Tensor, DPMSolver]] = {}
+
+    def _net(self, x, t, y):
+        with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None,
+                            cache_enabled=False):
+            return self.model(x, t, y)
+
+    def _solver(self, width: int) -> tuple[torch.Tensor, DPMSolver]:
+        if width not in self.solvers:
+            y = torch.full((width,), self.null, dtype=torch.int64, device=self.device)
+            y_null = torch.full((width,), self.null, dtype=torch.int64, device=self.device)
+            fn = model_wrapper(self._net, self.schedule, "noise", guidance_type="classifier-free", condition=y,
+                               unconditional_condition=y_null, guidance_scale=self.scale,
+                               model_time_fn=model_time)  # the U-ViT's time input (999 t / N t)
+            self.solvers[width] = (y, DPMSolver(fn, self.schedule, self.algorithm, backend=self.backend, cuda_graph=self.graph))
+        return self.solvers[width]
+
+    def check(self, width: int) -> int:
+        """The number of model evaluations per batch; a UserError for settings the solver cannot plan."""
+        a = self.solver_args
+        try:
+            plan = self._solver(width)[1]._plan(a["steps"], None, a["t_end"], a["order"], a["skip_type"], a["method"],
+                                                a["lower_order_final"], a["denoise_to_zero"], "dpmsolver")
+        except ValueError as e:
+            raise UserError(f"sample settings: {e}") from None
+        return int(plan.times.numel())
+
+    @property
+    def fallback(self) -> Optional[str]:
+        """Why CUDA graphs were asked for but a batch ran eagerly (None: they were used, or not asked for)."""
+        return next((s.graph_fallback for _, s in self.solvers.values() if s.graph_fallback), None)
+
+    def __call__(self, x: torch.Tensor, labels: np.ndarray) -> torch.Tensor:
+        """x [b, *shape] initial noise (CPU), labels int64 [b] -> samples [b, *shape] on the device."""
+        b = len(labels)
+        width = self.batch_size if self.graph else b
+        y_host = torch.as_tensor(labels)
+        if width > b:
+            x = torch.cat([x, x.new_zeros((width - b, *x.shape[1:]))])
+            y_host = torch.cat([y_host, y_host.new_full((width - b,), self.null)])
+        y, solver = self._solver(width)
+        y.copy_(y_host)
+        return solver.sample(x.to(self.device), **self.solver_args)[:b]
 
 
 def load_generated(out_dir: str | Path, per_class: int = 0) -> tuple[np.ndarray, np.ndarray]:

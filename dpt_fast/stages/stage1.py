@@ -7,8 +7,9 @@ logistic regression fitted on the labelled images only. Methods (`stage1.method`
   reduced by UMAP (fitted on the training images); unseen images (test, generated) are placed in the UMAP space
   by a kNN in SimCLR feature space (see `models.classifier.SimclrUmapSpace`).
 - pca_logreg: PCA of the pixels + logistic regression (the simple baseline).
-- features (real data, the paper's recipe): frozen timm backbone features (rows centred, L2-normalised) +
-  logistic regression with the paper's lambda = 0.0025 / N (C = 400). The images are streamed in batches
+- features (real data, the paper's recipe): frozen backbone features (MSN's ViT via `stage1.backbone=msn`, or a
+  timm model; rows centred, L2-normalised) + the paper's logistic regression (`models.logreg`: no intercept,
+  lambda = 0.0025 / N, cyanure's solution, fitted and applied on the GPU when there is one). The images are streamed in batches
   (`dpt_fast.data.stream`), so this works at ImageNet scale and is the only method for data.name=latents,
   whose images are decoded again from the folder the latents were prepared from (index i = latent i).
 
@@ -34,6 +35,7 @@ the others wait.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -48,8 +50,8 @@ from ..config import Config
 from ..data import ArrayDataset, save_split, select_labelled
 from ..data.stream import RealData, cached_features, open_real_data
 from ..distributed import run_on_rank0, setup_distributed
-from ..models.classifier import (PAPER_LOGREG_C, BackboneSpace, PcaSpace, SimclrUmapSpace, fit_logreg, load_encoder,
-                                 save_encoder)
+from ..models.classifier import PAPER_LOGREG_C, BackboneSpace, PcaSpace, SimclrUmapSpace, load_encoder, save_encoder
+from ..models.logreg import fit_head
 from ..models.encoder import ConvEncoder, augment, encode, nt_xent
 from ..utils import (UserError, load_safetensors, log, read_json, resolve_device, safetensors_metadata, save_npz,
                      save_safetensors)
@@ -64,9 +66,11 @@ def _hash(obj: dict) -> str:
 
 
 def ssl_fingerprint(cfg: Config) -> str:
-    """What the trained encoder depends on: the data, the seed and the SSL keys (not the labels)."""
+    """What the trained encoder depends on: the data (not how stage 2 loads it), the seed and the SSL keys (not
+    the labels)."""
     s = cfg.to_dict()
-    return _hash({"data": s["data"], "seed": cfg.seed, **{k: s["stage1"][k] for k in SSL_KEYS}})
+    data = {k: v for k, v in s["data"].items() if k != "stream"}
+    return _hash({"data": data, "seed": cfg.seed, **{k: s["stage1"][k] for k in SSL_KEYS}})
 
 
 def umap_fingerprint(cfg: Config) -> str:
@@ -271,16 +275,21 @@ def backbone_features(cfg: Config, real: RealData, out: Path, device, progress: 
     """
     s1 = cfg.stage1
     if not s1.backbone:
-        raise UserError("stage1.method=features needs stage1.backbone=<timm model name> and stage1.backbone_weights=FILE")
+        raise UserError("stage1.method=features needs stage1.backbone=msn (or a timm model name) and "
+                        "stage1.backbone_weights=FILE")
     space = BackboneSpace(s1.backbone, s1.backbone_weights, device, s1.backbone_image_size, s1.backbone_batch_size,
-                          s1.backbone_crop)
-    log.info("stage 1: %s features (dim %d, input %s, crop %.3f) of %d training and %d test images on %s",
-             s1.backbone, space.dim, "x".join(map(str, space.input_size)), space.crop, len(real.train),
+                          s1.backbone_crop, s1.backbone_precision)
+    log.info("stage 1: %s features (dim %d, Resize %d + CenterCrop %d, %s) of %d training and %d test images on %s",
+             s1.backbone, space.dim, space.resize, space.input_size[0], space.precision, len(real.train),
              len(real.test), device)
     key = space.identity()
-    feats = [cached_features(space.embed_tensor, src, out / f"{part}_features.npy", key=key, dim=space.dim,
-                             batch_size=s1.backbone_batch_size, progress=progress, desc=f"stage 1 features ({part})")
-             for part, src in (("train", real.train), ("test", real.test))]
+    feats = []
+    for part, src in (("train", real.train), ("test", real.test)):
+        src, transformed = space.source_for(src)  # image files: decoded with the backbone's own transform
+        feats.append(cached_features(functools.partial(space.embed_tensor, transformed=transformed), src,
+                                     out / f"{part}_features.npy", key=key, dim=space.dim,
+                                     batch_size=s1.backbone_batch_size, progress=progress,
+                                     desc=f"stage 1 features ({part})"))
     return space, feats[0], feats[1]
 
 
@@ -292,7 +301,7 @@ def run(cfg: Config, rd: RunDir, progress: bool = True) -> dict:
     """
     if cfg.data.name == "latents" and cfg.stage1.method != "features":
         raise UserError(f"stage1.method={cfg.stage1.method} needs the images in memory; data.name=latents streams them: "
-                        "use stage1.method=features with stage1.backbone=<timm name> stage1.backbone_weights=FILE")
+                        "use stage1.method=features with stage1.backbone=msn stage1.backbone_weights=FILE")
     t0, c0 = time.time(), time.process_time()
     if cfg.stage1.method != "features":
         return run_on_rank0(_run, cfg, rd, progress, t0, c0)
@@ -336,17 +345,19 @@ def _run(cfg: Config, rd: RunDir, progress: bool, t0: float, c0: float, real: Re
     space.save(out)
 
     c = logreg_c(cfg)
-    head = fit_logreg(np.asarray(x_train[labelled]), y[labelled], c, real.num_classes)
+    head, fit_info = fit_head(s1.method == "features", np.asarray(x_train[labelled]), y[labelled], c,
+                                real.num_classes, device=device)
     head.save(out / "head.safetensors")
-    label, conf = head.label_prob(x_train)
+    label, conf = head.label_prob(x_train, device=device)
     fits_labels = float((label[labelled] == y[labelled]).mean())
     label[labelled], conf[labelled] = y[labelled], 1.0  # the known labels are kept, with certainty
     save_npz(rd.pseudo_labels, index=np.arange(len(y), dtype=np.int64), label=label, prob=conf)
 
-    test_pred = head.label_prob(x_test)[0]
+    test_pred = head.label_prob(x_test, device=device)[0]
     unl = np.setdiff1d(np.arange(len(y)), labelled)
     return {
         "method": s1.method,
+        **fit_info,
         "logreg_c": c,
         "pseudo_label_accuracy": float((label == y).mean()),
         "unlabelled_accuracy": float((label[unl] == y[unl]).mean()) if len(unl) else None,

@@ -29,6 +29,8 @@ import torch
 
 from ..config import Config
 from ..data import load_dataset, to_float
+from ..data.imagefolder import load_imagefolder
+from ..data.vae import sample_latents
 from ..diffusion import make_schedule
 from ..diffusion.checkpoint import list_checkpoints, load_ema_weights, read_meta
 from ..diffusion.train import BatchSource, as_eps_model, train_diffusion
@@ -39,9 +41,9 @@ from ..utils import UserError, load_npz, log, resolve_device, seed_everything
 from .rundir import RunDir
 
 # Train settings that do not change the weights at a given step: a checkpoint made with other values resumes.
-_RESUMABLE_KEYS = ("steps", "ckpt_every", "keep_checkpoints", "log_every")
+_RESUMABLE_KEYS = ("steps", "ckpt_every", "keep_checkpoints", "log_every", "compile")
 # Data settings stage 2 does not train on (the test split; source images that stages 1 and 3 re-decode).
-_NOT_TRAINED_ON = ("test_root", "image_root")
+_NOT_TRAINED_ON = ("test_root", "image_root", "stream")
 # Model settings that change memory and speed, not the weights (gradient checkpointing recomputes the same values).
 _NOT_WEIGHTS = ("use_checkpoint",)
 
@@ -88,7 +90,9 @@ class _Data:
 
 
 class _Latents:
-    """`BatchSource` over prepared VAE latents: z sampled from the stored moments, randomly mirrored."""
+    """`BatchSource` over prepared VAE latents: z sampled from the stored moments of a randomly mirrored image.
+
+    Mirror bits (CPU) and posterior noise (device) are drawn for the whole global batch and cut to `rows`."""
 
     def __init__(self, ds):
         self.ds = ds
@@ -97,8 +101,15 @@ class _Latents:
     def __len__(self) -> int:
         return len(self.ds)
 
-    def __call__(self, index: torch.Tensor, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-        return self.ds.sample(index.numpy(), generator=generator, device=device)
+    def read(self, index: torch.Tensor, rows: slice, seed: int) -> tuple[torch.Tensor, ...]:
+        flips = torch.randint(0, 2, (len(index),), generator=torch.Generator().manual_seed(seed))[rows]
+        return (self.ds.moments(index[rows].numpy(), flips.numpy()),)
+
+    def finish(self, raw: tuple[torch.Tensor, ...], batch_size: int, rows: slice, seed: int) -> torch.Tensor:
+        (moments,) = raw
+        gen = torch.Generator(moments.device).manual_seed(seed)
+        eps = torch.randn((batch_size, *self.sample_shape), generator=gen, device=moments.device)[rows]
+        return sample_latents(moments, scale=self.ds.scale, eps=eps)
 
 
 def _load_data(cfg: Config, device: torch.device, progress: bool = True) -> _Data:
@@ -123,7 +134,14 @@ def _load_data(cfg: Config, device: torch.device, progress: bool = True) -> _Dat
 
         return _Data(_Latents(ds), ds.num_classes, tuple(ds.latent_shape), "latents", real, vae_decode)
 
-    ds = load_dataset(cfg.data, progress=progress)
+    split = None
+    if cfg.data.name == "imagefolder" and cfg.data.stream is not False:
+        from ..data.imagefolder import MAX_IN_MEMORY_BYTES, in_memory_bytes, split_imagefolder
+
+        split = split_imagefolder(cfg.data, progress)
+        if cfg.data.stream or in_memory_bytes(split, cfg.data.image_size) > MAX_IN_MEMORY_BYTES:
+            return _streamed_folder(cfg, *split, device, progress)
+    ds = load_dataset(cfg.data, progress=progress) if split is None else load_imagefolder(cfg.data, progress, split)
 
     def real_test() -> np.ndarray:
         real = ds.x_test
@@ -133,6 +151,24 @@ def _load_data(cfg: Config, device: torch.device, progress: bool = True) -> _Dat
 
     # The data sets read into memory fit there: a batch is one index gather, on the device.
     return _Data(to_float(ds.x_train).to(device), ds.num_classes, tuple(ds.image_shape), cfg.data.name, real_test)
+
+
+def _streamed_folder(cfg: Config, train, test, device: torch.device, progress: bool) -> _Data:
+    """An ImageFolder decoded while training (`TrainingStream`); the FID reference images are decoded on demand."""
+    from ..data.imagefolder import decode_all
+    from ..data.stream import TrainingStream
+
+    size = cfg.data.image_size
+    log.info("stage 2: streaming %d training images of %s at %d px (data.stream)", len(train), train.root, size)
+
+    def real_test() -> np.ndarray:
+        index = test
+        if 0 < cfg.eval.num_real < len(test):
+            keep = np.sort(np.random.default_rng(cfg.seed).choice(len(test), cfg.eval.num_real, replace=False))
+            index = test.subset(keep)
+        return decode_all(index, size, progress) if len(index) else np.zeros((0, 3, size, size), np.uint8)
+
+    return _Data(TrainingStream(train, size, device), len(train.classes), (3, size, size), "imagefolder", real_test)
 
 
 def run(cfg: Config, rd: RunDir, progress: bool = True) -> dict:
@@ -173,6 +209,9 @@ def run(cfg: Config, rd: RunDir, progress: bool = True) -> dict:
             gen_seconds=gen["seconds"],
             sampler_nfe=gen["nfe"],
             sampler_backend=gen["backend"],
+            sampler_precision=gen["precision"],
+            sampler_cuda_graph=gen["cuda_graph"],
+            sampler_cuda_graph_fallback=gen["cuda_graph_fallback"],  # why graphs were asked for but not used
             train_steps=res.step,
             train_resumed_from=res.start_step,
             train_seconds=res.seconds,
@@ -197,7 +236,7 @@ def generation_settings(cfg: Config) -> dict:
     return {"k_per_class": g.k_per_class, "cfg_scale": s.cfg_scale, "steps": s.steps, "order": s.order,
             "method": s.method, "algorithm": s.algorithm, "skip_type": s.skip_type, "batch_size": g.batch_size,
             "shard_size": g.shard_size, "seed": cfg.seed, "backend": s.backend, "cuda_graph": s.cuda_graph,
-            "t_end": s.t_end or None}
+            "precision": s.precision, "t_end": s.t_end or None}
 
 
 def _evaluate(cfg: Config, rd: RunDir, data: _Data, device: torch.device) -> dict:
@@ -287,7 +326,7 @@ def sample_run(cfg: Config, rd: RunDir, num: int, labels: str, out_dir: str | Pa
                    labels=y, null_class=data.num_classes, cfg_scale=s.cfg_scale, steps=s.steps, order=s.order,
                    method=s.method, algorithm=s.algorithm, skip_type=s.skip_type, batch_size=cfg.gen.batch_size,
                    shard_size=cfg.gen.shard_size, seed=seed, device=device, backend=s.backend,
-                   cuda_graph=s.cuda_graph, decode=data.decode, progress=progress,
+                   cuda_graph=s.cuda_graph, precision=s.precision, decode=data.decode, progress=progress,
                    model_id=f"{meta.get('fingerprint')}@{cfg.train.steps}", t_end=s.t_end or None)
     counts = np.bincount(y, minlength=data.num_classes)
     return {**gen, "labels": labels, "seed": seed, "classes_drawn": int((counts > 0).sum()),

@@ -1,7 +1,7 @@
 """Stage 3: retrain the classifier on the real labelled images + the generated ones; top-1 on the test split.
 
 As in the paper, the representation stays frozen (stage 1's, loaded from stage1/) and a new multinomial
-logistic regression is fitted on
+logistic regression (stage 1's kind: the paper's, `models.logreg`, for backbone features) is fitted on
     the labelled training images with their true labels (weight 1), and
     the K generated images per class with the class they were generated for (weight stage3.generated_weight).
 Its top-1 on the test images is reported next to stage 1's classifier on the same images.
@@ -29,7 +29,8 @@ from ..config import Config
 from ..data import load_dataset, load_split, select_labelled
 from ..data.stream import ShardSource, cached_features, open_features
 from ..distributed import rank_world, run_on_rank0
-from ..models.classifier import LinearHead, fit_logreg, load_space
+from ..models.classifier import LinearHead, load_space
+from ..models.logreg import fit_head
 from ..utils import UserError, load_npz, log, read_json, resolve_device
 from .rundir import RunDir
 
@@ -111,7 +112,8 @@ def run(cfg: Config, rd: RunDir, progress: bool = True) -> dict:
 def _run(cfg: Config, rd: RunDir, progress: bool, t0: float, c0: float) -> dict:
     m1 = read_json(rd.require(rd.metrics(1), 1), rd.rerun(1))
     rd.require(rd.generated, 2)
-    space = load_space(rd.stage(1), resolve_device(cfg.device))
+    device = resolve_device(cfg.device)
+    space = load_space(rd.stage(1), device)
     head1 = LinearHead.load(rd.require(rd.stage(1) / "head.safetensors", 1), rd.rerun(1))
     num_classes = len(head1.intercept)
     labelled = np.sort(load_split(rd.split))
@@ -121,7 +123,7 @@ def _run(cfg: Config, rd: RunDir, progress: bool, t0: float, c0: float) -> dict:
         raise UserError(f"{rd.generated}: labels outside 0..{num_classes - 1}; re-run stage 2 with this config")
 
     # How the stage-1 classifier sees the generated images (a CAS computed with our own classifier).
-    pred_gen, p_class = head1.label_prob(x_gen, gen_y)
+    pred_gen, p_class = head1.label_prob(x_gen, gen_y, device=device)
     agree = pred_gen == gen_y
     keep = np.ones(len(gen_y), bool)
     if cfg.stage3.min_confidence > 0:
@@ -133,18 +135,21 @@ def _run(cfg: Config, rd: RunDir, progress: bool, t0: float, c0: float) -> dict:
     x = np.concatenate([x_lab, x_gen[keep]])
     y = np.concatenate([y_lab, gen_y[keep]])
     w = np.concatenate([np.ones(len(y_lab)), np.full(int(keep.sum()), cfg.stage3.generated_weight)])
-    head = fit_logreg(x, y, c, num_classes, sample_weight=w)
+    # the paper's classifier for backbone features (N = labelled + generated rows in its lambda = 0.0025 / N)
+    head, fit_info = fit_head(space.kind == "backbone", x, y, c, num_classes, sample_weight=w, device=device)
     rd.stage(3).mkdir(parents=True, exist_ok=True)
     head.save(rd.stage(3) / "head.safetensors")
 
-    hit3 = head.label_prob(x_test)[0] == y_test
-    hit1 = head1.label_prob(x_test)[0] == y_test
+    hit3 = head.label_prob(x_test, device=device)[0] == y_test
+    hit1 = head1.label_prob(x_test, device=device)[0] == y_test
     top1, stage1_top1 = float(hit3.mean()), float(hit1.mean())
     per_class = [y_test == k for k in range(num_classes)]
     if m1.get("test_top1") is not None and abs(stage1_top1 - float(m1["test_top1"])) > 1e-6:
         log.warning("stage 3: stage 1's classifier scores %.4f on the test split now, %.4f when stage 1 ran",
                     stage1_top1, m1["test_top1"])
     return {
+        "method": m1.get("method"),
+        **fit_info,
         "top1": top1,
         "stage1_top1": stage1_top1,
         "gain": top1 - stage1_top1,
