@@ -148,6 +148,10 @@ class EvalConfig:
     num_real: int = 0  # real images for FID; 0 = the whole test split
     num_gen_per_class: int = 0  # generated images per class that stage 2 evaluates; 0 = all of them
     fid: bool = True
+    # The literature's CAS (Ravuri & Vinyals 2019): training steps (of 64) of the small classifier trained only on
+    # the generated images and tested on the real test split; 0 = skip. Our `cas` is another metric: the share of
+    # generated images the judge (feature_net) puts in their class.
+    cas_steps: int = 150
 
 
 @dataclass
@@ -228,6 +232,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train": {"steps": 30, "batch_size": 64, "ckpt_every": 10, "warmup_steps": 5, "log_every": 10},
         "sample": {"steps": 5},
         "gen": {"k_per_class": 4, "batch_size": 40, "shard_size": 16},
+        "eval": {"cas_steps": 100},
     },
 }
 
@@ -386,6 +391,7 @@ def validate(cfg: Config) -> None:
         ("gen.batch_size", cfg.gen.batch_size >= 1, "must be >= 1"),
         ("gen.shard_size", cfg.gen.shard_size >= 1, "must be >= 1"),
         ("eval.num_real", cfg.eval.num_real >= 0, "must be >= 0 (0 = the whole test split)"),
+        ("eval.cas_steps", cfg.eval.cas_steps >= 0, "must be >= 0 (0 = skip the classification accuracy score)"),
         ("eval.num_gen_per_class", cfg.eval.num_gen_per_class >= 0, "must be >= 0 (0 = all generated images)"),
         ("stage1.umap_dim", cfg.stage1.umap_dim >= 2, "must be >= 2"),
         ("stage1.umap_neighbors", cfg.stage1.umap_neighbors >= 2, "must be >= 2"),

@@ -53,6 +53,10 @@ def test_stage2_writes_checkpoints_generated_images_samples_and_metrics(rd):
     for key in ("fid", "is", "cas", "images_per_second", "seconds", "train_steps_per_second", "train_seconds", "gen_seconds"):
         assert isinstance(saved[key], float), key
     assert 0.0 <= saved["cas"] <= 1.0 and saved["train_steps"] == 6 == metrics["train_steps"]
+    # the literature's CAS (trained on the generated images, tested on real ones) and its real-data reference
+    assert 0.0 <= saved["classification_accuracy_score"] <= 1.0
+    assert 0.0 <= saved["classification_accuracy_score_real"] <= 1.0
+    assert saved["classification_accuracy_score_steps"] == cfg.eval.cas_steps
     hist = json.loads((rd.stage(2) / "train_history.json").read_text())
     assert hist["step"][-1] == 6 and len(hist["loss"]) == len(hist["lr"]) == len(hist["step"])
 
