@@ -93,6 +93,21 @@ def test_new_sampler_settings_reuse_the_trained_weights(rd):
     assert json.loads((rd.generated / "manifest.json").read_text())["identity"]["cfg_scale"] == 1.5
 
 
+def test_every_sample_key_reaches_the_generator():
+    """sample.* keys go to `generate` (whose manifest identity then holds them), none is dropped on the way."""
+    kwargs = stage2.sample_kwargs(_cfg().sample)
+    assert set(kwargs) == set(vars(_cfg().sample))
+    assert stage2.sample_kwargs(_cfg("sample.t_end=0").sample)["t_end"] is None  # 0 = the schedule's default
+
+
+def test_sample_t_end_regenerates_with_the_same_weights(rd):
+    run_stages(_cfg(), rd.root, [2], progress=False)
+    assert json.loads((rd.generated / "manifest.json").read_text())["identity"]["t_end"] == pytest.approx(1e-4)
+    metrics = run_stages(_cfg("sample.t_end=0.002"), rd.root, [2], progress=False)[2]
+    assert metrics["train_resumed_from"] == 6
+    assert json.loads((rd.generated / "manifest.json").read_text())["identity"]["t_end"] == pytest.approx(0.002)
+
+
 def test_checkpoints_of_another_config_are_a_one_line_error_naming_fresh(rd):
     run_stages(_cfg(), rd.root, [2], progress=False)
     with pytest.raises(UserError, match="--fresh") as e:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..config import Config
+from ..config import Config, SampleConfig
 from ..data import load_dataset, to_float
 from ..diffusion import make_schedule
 from ..diffusion.train import BatchSource, as_eps_model, train_diffusion
@@ -56,6 +56,12 @@ def load_pseudo_labels(rd: RunDir, n_train: int, num_classes: int) -> torch.Tens
     if (y < 0).any():
         raise UserError(f"{path}: {(y < 0).sum()} of the {n_train} training images have no pseudo-label; re-run stage 1")
     return torch.from_numpy(y)
+
+
+def sample_kwargs(s: SampleConfig) -> dict:
+    """The `generate` keywords of the sampler settings (`sample.*`)."""
+    return dict(cfg_scale=s.cfg_scale, steps=s.steps, order=s.order, method=s.method, algorithm=s.algorithm,
+                skip_type=s.skip_type, t_end=s.t_end or None, backend=s.backend, cuda_graph=s.cuda_graph)
 
 
 def train_fingerprint(cfg: Config, labels: torch.Tensor) -> str:
@@ -158,12 +164,10 @@ def run(cfg: Config, rd: RunDir, progress: bool = True) -> dict:
                           prediction=cfg.diffusion.prediction)
     data.x = None  # free the training set before sampling
 
-    s = cfg.sample
     gen = generate(as_eps_model(res.ema, schedule, cfg.diffusion.prediction), schedule, list(range(num_classes)), cfg.gen.k_per_class, data.shape, rd.generated,
-                   null_class=num_classes, cfg_scale=s.cfg_scale, steps=s.steps, order=s.order, method=s.method,
-                   algorithm=s.algorithm, skip_type=s.skip_type, batch_size=cfg.gen.batch_size,
-                   shard_size=cfg.gen.shard_size, seed=cfg.seed, device=device, backend=s.backend,
-                   cuda_graph=s.cuda_graph, decode=data.decode, progress=progress, model_id=f"{fp}@{res.step}")
+                   null_class=num_classes, batch_size=cfg.gen.batch_size, shard_size=cfg.gen.shard_size, seed=cfg.seed,
+                   device=device, decode=data.decode, progress=progress, model_id=f"{fp}@{res.step}",
+                   **sample_kwargs(cfg.sample))
 
     metrics = None
     if rank == 0:
