@@ -29,6 +29,7 @@ from dpt_fast.diffusion.train import as_eps_model, diffusion_loss, sample_time, 
 from dpt_fast.eval import generation_metrics
 from dpt_fast.models import build_uvit
 from dpt_fast.sampling import generate, load_generated
+from dpt_fast.stages.stage2 import sample_kwargs
 from dpt_fast.utils import setup_logging
 
 CONFUSABLE = torch.tensor([6, 7, 7, 5, 9, 3, 0, 9, 3, 4])  # digit -> the digit its flipped label becomes
@@ -81,10 +82,8 @@ def main() -> None:
                     f"val eps-loss {val:.4f} label spread {spread:.3f}")
             for cs in [float(c) for c in a.cfgs.split(",")]:
                 gd = work / f"gen_{m}_{cs}"
-                sc = cfg.sample
-                generate(ema, sch, list(range(10)), a.k, (1, 28, 28), gd, null_class=10, cfg_scale=cs, steps=sc.steps,
-                         order=sc.order, method=sc.method, algorithm=sc.algorithm, skip_type=sc.skip_type,
-                         batch_size=100, shard_size=1000, seed=0, device="cpu", progress=False, model_id=str(m))
+                generate(ema, sch, list(range(10)), a.k, (1, 28, 28), gd, null_class=10, batch_size=100, shard_size=1000,
+                         seed=0, device="cpu", progress=False, model_id=str(m), **{**sample_kwargs(cfg.sample), "cfg_scale": cs})
                 im, lab = load_generated(gd)
                 met = generation_metrics(im, lab, ds.x_test, "mnist5k")
                 line += (f" | cfg {cs}: CAS {met['cas']:.3f} FID {met['fid']:.1f} "

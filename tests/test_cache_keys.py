@@ -97,6 +97,7 @@ AFFECTS: dict[str, set[str]] = {
     "eval.num_real": S2,
     "eval.num_gen_per_class": S2,
     "eval.fid": S2,
+    "eval.cas_steps": S2,
     "stage3.logreg_c": S3,
     "stage3.generated_weight": S3,
     "stage3.min_confidence": S3,

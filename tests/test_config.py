@@ -38,6 +38,8 @@ def test_override_values_are_typed():
         ("train=3", "is a section"),
         ("split.labels_per_class", "overrides are key=value"),
         ("train.betas=[0.9]", "expected a list of 2"),
+        ("sample.t_end=-0.1", "'sample.t_end' must be in [0, 1)"),
+        ("eval.cas_steps=-1", "'eval.cas_steps' must be >= 0"),
     ],
 )
 def test_bad_overrides_are_one_line_errors(item, fragment):

@@ -54,6 +54,10 @@ def test_stage2_writes_checkpoints_generated_images_samples_and_metrics(rd):
     for key in ("fid", "is", "cas", "images_per_second", "seconds", "train_steps_per_second", "train_seconds", "gen_seconds"):
         assert isinstance(saved[key], float), key
     assert 0.0 <= saved["cas"] <= 1.0 and saved["train_steps"] == 6 == metrics["train_steps"]
+    # the literature's CAS (trained on the generated images, tested on real ones) and its real-data reference
+    assert 0.0 <= saved["classification_accuracy_score"] <= 1.0
+    assert 0.0 <= saved["classification_accuracy_score_real"] <= 1.0
+    assert saved["classification_accuracy_score_steps"] == cfg.eval.cas_steps
     hist = json.loads((rd.stage(2) / "train_history.json").read_text())
     assert hist["step"][-1] == 6 and len(hist["loss"]) == len(hist["lr"]) == len(hist["step"])
 
@@ -90,6 +94,21 @@ def test_new_sampler_settings_reuse_the_trained_weights(rd):
     assert metrics["train_resumed_from"] == 6  # no training step repeated
     identity = json.loads((rd.generated / "manifest.json").read_text())["identity"]
     assert identity["cfg_scale"] == 1.5 and identity["t_end"] == 0.002
+
+
+def test_every_sample_key_reaches_the_generator():
+    """sample.* keys go to `generate` (whose manifest identity then holds them), none is dropped on the way."""
+    kwargs = stage2.sample_kwargs(_cfg().sample)
+    assert set(kwargs) == set(vars(_cfg().sample))
+    assert stage2.sample_kwargs(_cfg("sample.t_end=0").sample)["t_end"] is None  # 0 = the schedule's default
+
+
+def test_sample_t_end_regenerates_with_the_same_weights(rd):
+    run_stages(_cfg(), rd.root, [2], progress=False)
+    assert json.loads((rd.generated / "manifest.json").read_text())["identity"]["t_end"] == pytest.approx(1e-4)
+    metrics = run_stages(_cfg("sample.t_end=0.002"), rd.root, [2], progress=False)[2]
+    assert metrics["train_resumed_from"] == 6
+    assert json.loads((rd.generated / "manifest.json").read_text())["identity"]["t_end"] == pytest.approx(0.002)
 
 
 def test_checkpoints_of_another_config_are_a_one_line_error_naming_fresh(rd):

@@ -149,11 +149,12 @@ def train_feature_net(
     max_scale: float = 0.1,
     seed: int = 0,
     progress: bool = True,
+    num_classes: int = 0,
 ) -> FeatureNet:
     """Train a FeatureNet on uint8 images [N, C, H, W] with int labels [N]; deterministic for a given seed
     and thread count (CPU). AdamW with a one-cycle schedule, cross-entropy, light augmentation.
 
-    `max_steps` > 0 stops early (for the script's smoke test).
+    `max_steps` > 0 stops early (for the script's smoke test). `num_classes` 0 = max label + 1.
     """
     prev_det = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
@@ -162,7 +163,7 @@ def train_feature_net(
         gen = torch.Generator().manual_seed(seed)
         x = torch.as_tensor(x_train)
         y = torch.as_tensor(y_train, dtype=torch.int64)
-        net = FeatureNet(x.shape[1], tuple(widths), feature_dim, int(y.max()) + 1, img_size=int(x.shape[-1]))
+        net = FeatureNet(x.shape[1], tuple(widths), feature_dim, num_classes or int(y.max()) + 1, img_size=int(x.shape[-1]))
         steps_per_epoch = math.ceil(len(x) / batch_size)
         total = epochs * steps_per_epoch if max_steps <= 0 else min(max_steps, epochs * steps_per_epoch)
         opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)

@@ -4,7 +4,8 @@ Called by the stage driver after every finished stage, so a run that has only fi
 report and a finished run a full one. Reads (all optional):
 
     stage1/metrics.json            pseudo_label_accuracy, test_top1, seconds, ...
-    stage2/metrics.json            fid, is, precision, recall, cas, cas_per_class, images_per_second, seconds, ...
+    stage2/metrics.json            fid, is, precision, recall, cas (class agreement), cas_per_class,
+                                   classification_accuracy_score(_real), images_per_second, seconds, ...
     stage2/train_history.json      {"step": [...], "loss": [...], "lr": [...]}
     stage3/metrics.json            top1, stage1_top1, seconds, ...
     samples.png
@@ -87,6 +88,8 @@ def summarize(stages: dict[int, dict]) -> dict[str, float | None]:
         "precision": _number(m2.get("precision")),
         "recall": _number(m2.get("recall")),
         "cas": _number(m2.get("cas")),
+        "classification_accuracy_score": _number(m2.get("classification_accuracy_score")),
+        "classification_accuracy_score_real": _number(m2.get("classification_accuracy_score_real")),
         "images_per_second": _number(m2.get("images_per_second")),
     }
 
@@ -207,7 +210,8 @@ def plot_top1(summary: dict[str, float | None], path: Path) -> None:
 
 
 def plot_cas(cas_per_class: list, cas: float | None, path: Path, classes: list[str] | None = None) -> None:
-    """Bars: per-class CAS (share of the images generated for a class that the judge assigns to it)."""
+    """Bars: per-class `cas` (class agreement: share of the images generated for a class that the judge assigns
+    to it; not the literature's classification accuracy score)."""
     from matplotlib.figure import Figure
 
     vals = [v if _number(v) is not None else 0.0 for v in cas_per_class]
@@ -216,12 +220,12 @@ def plot_cas(cas_per_class: list, cas: float | None, path: Path, classes: list[s
     ax = fig.add_subplot()
     ax.bar(names, vals, color="tab:purple")
     if cas is not None:
-        ax.axhline(cas, color="k", ls="--", lw=1, label=f"CAS {cas:.3f}")
+        ax.axhline(cas, color="k", ls="--", lw=1, label=f"all classes {cas:.3f}")
         ax.legend(loc="lower right", fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.set_xlabel("class")
-    ax.set_ylabel("CAS")
-    ax.set_title("stage 2: classification accuracy score per class", fontsize=10)
+    ax.set_ylabel("class agreement (cas)")
+    ax.set_title("stage 2: share of generated images our feature net puts in their class", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     _save_figure(fig, path)
 
@@ -268,7 +272,10 @@ def _markdown(cfg, rd, summary: dict, stages: dict[int, dict], env: dict, pngs: 
               f"| FID (feature net) | {_fmt(summary['fid'], 3)} |",
               f"| IS | {_fmt(summary['is'], 3)} |",
               f"| precision / recall | {pr} |",
-              f"| CAS | {_fmt(summary['cas'])} |",
+              f"| class agreement `cas` (share of generated images our feature net puts in their class) | {_fmt(summary['cas'])} |",
+              f"| classification accuracy score (literature CAS: trained on generated, tested on real) / "
+              f"same classifier on as many real images | {_fmt(summary['classification_accuracy_score'])} / "
+              f"{_fmt(summary['classification_accuracy_score_real'])} |",
               f"| generation images/s | {_fmt(summary['images_per_second'], 1)} |"]
     lines += ["", "## Time per stage", "", "| stage | seconds | |", "|---|---|---|"]
     total = 0.0
@@ -320,7 +327,7 @@ def write_report(cfg, rd, stages: dict[int, dict] | None = None, sources: dict |
     cas_pc = stages.get(2, {}).get("cas_per_class")
     if isinstance(cas_pc, list) and cas_pc:
         if _try_plot(plot_cas, cas_pc, summary["cas"], rd.root / CAS_PNG):
-            pngs.append(("Per-class CAS", CAS_PNG))
+            pngs.append(("Per-class class agreement (`cas`, our feature net)", CAS_PNG))
 
     timings = {f"stage{n}": _number(m.get("seconds")) for n, m in stages.items()}
     timings["total"] = sum(v for v in timings.values() if v is not None)

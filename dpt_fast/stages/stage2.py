@@ -27,7 +27,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ..config import Config
+from ..config import Config, SampleConfig
 from ..data import load_dataset, to_float
 from ..data.imagefolder import load_imagefolder
 from ..data.vae import sample_latents
@@ -66,6 +66,13 @@ def load_pseudo_labels(rd: RunDir, n_train: int, num_classes: int) -> torch.Tens
     return torch.from_numpy(y)
 
 
+def sample_kwargs(s: SampleConfig) -> dict:
+    """The `generate` keywords of the sampler settings (`sample.*`; t_end 0 = the schedule's default)."""
+    return dict(cfg_scale=s.cfg_scale, steps=s.steps, order=s.order, method=s.method, algorithm=s.algorithm,
+                skip_type=s.skip_type, t_end=s.t_end or None, backend=s.backend, cuda_graph=s.cuda_graph,
+                precision=s.precision)
+
+
 def train_fingerprint(cfg: Config, labels: torch.Tensor) -> str:
     """What the weights at a given step depend on: data, labels, model, diffusion and train settings, seed."""
     d = cfg.to_dict()
@@ -87,6 +94,8 @@ class _Data:
     name: str  # data set name (picks the shipped feature network)
     real_images: Callable[[], np.ndarray]  # uint8 [M, C, H, W] reference images for FID
     decode: Optional[Callable[[torch.Tensor], torch.Tensor]] = None  # latents -> images in [-1, 1]
+    # The labelled arrays (x_train, y_train, x_test, y_test) of an in-memory data set, for the literature's CAS.
+    arrays: Optional[Callable[[], tuple[np.ndarray, ...]]] = None
 
 
 class _Latents:
@@ -150,7 +159,8 @@ def _load_data(cfg: Config, device: torch.device, progress: bool = True) -> _Dat
         return real
 
     # The data sets read into memory fit there: a batch is one index gather, on the device.
-    return _Data(to_float(ds.x_train).to(device), ds.num_classes, tuple(ds.image_shape), cfg.data.name, real_test)
+    return _Data(to_float(ds.x_train).to(device), ds.num_classes, tuple(ds.image_shape), cfg.data.name, real_test,
+                 arrays=lambda: (ds.x_train, ds.y_train, ds.x_test, ds.y_test))
 
 
 def _streamed_folder(cfg: Config, train, test, device: torch.device, progress: bool) -> _Data:
@@ -232,11 +242,9 @@ def run(cfg: Config, rd: RunDir, progress: bool = True) -> dict:
 
 def generation_settings(cfg: Config) -> dict:
     """The `generate` arguments stage 2 takes from the config: K, the sampler, batching, sharding and the seed."""
-    s, g = cfg.sample, cfg.gen
-    return {"k_per_class": g.k_per_class, "cfg_scale": s.cfg_scale, "steps": s.steps, "order": s.order,
-            "method": s.method, "algorithm": s.algorithm, "skip_type": s.skip_type, "batch_size": g.batch_size,
-            "shard_size": g.shard_size, "seed": cfg.seed, "backend": s.backend, "cuda_graph": s.cuda_graph,
-            "precision": s.precision, "t_end": s.t_end or None}
+    g = cfg.gen
+    return {"k_per_class": g.k_per_class, "batch_size": g.batch_size, "shard_size": g.shard_size, "seed": cfg.seed,
+            **sample_kwargs(cfg.sample)}
 
 
 def _evaluate(cfg: Config, rd: RunDir, data: _Data, device: torch.device) -> dict:
@@ -256,8 +264,25 @@ def _evaluate(cfg: Config, rd: RunDir, data: _Data, device: torch.device) -> dic
                                device=str(device))
     else:  # CAS only: the share of generated images the feature network puts in their conditioning class
         m = class_agreement(images, labels, data.name, feature_net=cfg.eval.feature_net, device=str(device))
+    m.update(_train_on_generated(cfg, data, images, labels))
     m["metrics_seconds"] = time.time() - t0
     return m
+
+
+def _train_on_generated(cfg: Config, data: _Data, images: np.ndarray, labels: np.ndarray) -> dict:
+    """The literature's CAS (Ravuri & Vinyals 2019; `classification_accuracy_scores`): a small classifier trained
+    only on the generated images, top-1 on the real test split, beside the same classifier trained on as many real
+    training images. In-memory data sets with images of at most 64 px a side (a few CPU seconds at 28x28)."""
+    from ..eval.accuracy import classification_accuracy_scores
+
+    none = {"classification_accuracy_score": None, "classification_accuracy_score_real": None}
+    if cfg.eval.cas_steps == 0:
+        return none
+    if data.arrays is None or max(data.shape[1:]) > 64 or data.decode is not None:
+        return {**none, "classification_accuracy_score_skipped": "only for in-memory data sets of images <= 64 px"}
+    x_train, y_train, x_test, y_test = data.arrays()
+    return classification_accuracy_scores(images, labels, x_train, y_train, x_test, y_test, data.num_classes,
+                                          steps=cfg.eval.cas_steps, seed=cfg.seed)
 
 
 def _fmt(v, spec: str) -> str:
@@ -321,13 +346,10 @@ def sample_run(cfg: Config, rd: RunDir, num: int, labels: str, out_dir: str | Pa
     model.to(device).eval()
     meta = read_meta(rd.checkpoints, cfg.train.steps)
     schedule = make_schedule(cfg.diffusion)
-    s = cfg.sample
     gen = generate(as_eps_model(model, schedule, cfg.diffusion.prediction), schedule, [], 0, data.shape, out_dir,
-                   labels=y, null_class=data.num_classes, cfg_scale=s.cfg_scale, steps=s.steps, order=s.order,
-                   method=s.method, algorithm=s.algorithm, skip_type=s.skip_type, batch_size=cfg.gen.batch_size,
-                   shard_size=cfg.gen.shard_size, seed=seed, device=device, backend=s.backend,
-                   cuda_graph=s.cuda_graph, precision=s.precision, decode=data.decode, progress=progress,
-                   model_id=f"{meta.get('fingerprint')}@{cfg.train.steps}", t_end=s.t_end or None)
+                   labels=y, null_class=data.num_classes, batch_size=cfg.gen.batch_size,
+                   shard_size=cfg.gen.shard_size, seed=seed, device=device, decode=data.decode, progress=progress,
+                   model_id=f"{meta.get('fingerprint')}@{cfg.train.steps}", **sample_kwargs(cfg.sample))
     counts = np.bincount(y, minlength=data.num_classes)
     return {**gen, "labels": labels, "seed": seed, "classes_drawn": int((counts > 0).sum()),
             "max_per_class": int(counts.max()), "run_dir": str(rd.root), "step": cfg.train.steps}
