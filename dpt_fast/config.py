@@ -48,7 +48,9 @@ class SplitConfig:
 
 @dataclass
 class Stage1Config:
-    method: str = "simclr_umap"  # simclr_umap | pca_logreg | features (frozen timm backbone, the paper's recipe)
+    # simclr_umap | pca_logreg | features (frozen timm backbone, the paper's ImageNet recipe) | freematch |
+    # fixmatch (a classifier trained end to end, the paper's CIFAR-10 recipe: the `learner` section)
+    method: str = "simclr_umap"
     ssl_epochs: int = 20  # SimCLR epochs over the training images
     ssl_batch_size: int = 256
     ssl_lr: float = 1e-3
@@ -72,6 +74,33 @@ class Stage1Config:
     # 0.875 on 256 px crops = the usual Resize(256) + CenterCrop(224) evaluation transform of MSN / DPT.
     backbone_crop: float = 1.0
     backbone_batch_size: int = 128  # features only: images per backbone forward pass
+
+
+@dataclass
+class LearnerConfig:
+    """stage1.method=freematch | fixmatch and their stage-3 retraining. Defaults: TorchSSL's CIFAR-10 run (DPT's
+    cifar10_experiment/TorchSSL config), except fairness_weight (FreeMatch's paper; DPT's config has 0)."""
+
+    net: str = "wrn28_2"  # wrn28_2 (TorchSSL's WRN-28-2, the paper's) | cnn (small CNN for the embedded data)
+    width: int = 16  # cnn only: base width (widths w, 2w, 4w)
+    iterations: int = 1048576  # training iterations (2^20); stage 3 trains as many again
+    batch_size: int = 64  # labelled images per iteration
+    uratio: int = 7  # unlabelled images per labelled one (mu): 7 x 64 weak + 7 x 64 strong views
+    lr: float = 0.03  # SGD with Nesterov momentum, lr * cos(pi * cosine_cycles * k / iterations) at iteration k
+    momentum: float = 0.9
+    weight_decay: float = 5e-4  # not on biases and BatchNorm
+    cosine_cycles: float = 0.4375  # 7/16
+    ema: float = 0.999  # EMA of the weights; the EMA model gives the pseudo-labels and the top-1
+    bn_momentum: float = 0.001  # BatchNorm running-statistics momentum (torch convention; TorchSSL's 0.001)
+    threshold_momentum: float = 0.999  # FreeMatch: EMA momentum of time_p, p_model and label_hist
+    p_cutoff: float = 0.95  # FixMatch: the fixed confidence threshold
+    unsup_weight: float = 1.0  # lambda_u
+    fairness_weight: float = 0.01  # FreeMatch: lambda_f of the self-adaptive fairness term (0 = off)
+    randaug_ops: int = 3  # strong view: RandAugment ops per image (then Cutout)
+    flip: bool = True  # weak and strong views: random horizontal flip (off for digits)
+    crop_pad: int = 4  # weak and strong views: random crop after reflect-padding this many pixels
+    ckpt_every: int = 5000  # iterations between resumable checkpoints
+    eval_batch_size: int = 1024  # images per forward pass when predicting
 
 
 @dataclass
@@ -168,6 +197,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -190,7 +220,8 @@ class Config:
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.name": ("mnist5k", "digits", "imagefolder", "cifar10", "mnist_idx", "latents"),
     "data.on_bad_image": ("skip", "error"),
-    "stage1.method": ("simclr_umap", "pca_logreg", "features"),
+    "stage1.method": ("simclr_umap", "pca_logreg", "features", "freematch", "fixmatch"),
+    "learner.net": ("wrn28_2", "cnn"),
     "model.conditioning": ("token", "adaln"),
     "model.pos_embed_init": ("", "trunc_normal", "sincos"),
     "diffusion.schedule": ("linear", "discrete"),
@@ -218,12 +249,32 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The paper's stage-2 recipe (U-ViT's optimiser, eps-prediction, CFG 0.4) = the dataclass defaults, for real
     # data (docs/REAL_DATA.md): set data.*, model.preset, train.steps / batch_size for the run's scale.
     "paper": {"name": "paper"},
+    # The paper's CIFAR-10 protocol (DPT's cifar10_experiment, docs/CIFAR10.md): FreeMatch on WRN-28-2 with 4
+    # labels per class, TorchSSL's iterations (2^20) and optimiser (the learner defaults) and DPT's config
+    # (no fairness term: its FreeMatch has ent_loss_ratio 0); stage 3 retrains it with 1001 generated images per
+    # class (DPT's generate.sh 1000: indices 0..1000). Stage 2 is U-ViT's official CIFAR-10 config
+    # (configs/cifar10_uvit_small.py: U-ViT-S/2, AdamW 2e-4, betas (0.99, 0.999), wd 0.03, 2,500 warm-up
+    # steps, 500k steps of 128), class-conditional; the paper's CIFAR-10 generator was EDM, not a U-ViT.
+    "cifar10": {
+        "name": "cifar10",
+        "data": {"name": "cifar10"},
+        "split": {"labels_per_class": 4},
+        "stage1": {"method": "freematch"},
+        "learner": {"fairness_weight": 0.0},
+        "model": {"preset": "uvit_s2_pixel32"},
+        "train": {"steps": 500000, "batch_size": 128, "lr": 2e-4, "weight_decay": 0.03, "betas": [0.99, 0.999],
+                  "warmup_steps": 2500, "ckpt_every": 10000},
+        "gen": {"k_per_class": 1001},
+    },
     # scikit-learn digits (8x8): seconds per stage, for tests.
     "digits": {
         "name": "digits",
         "data": {"name": "digits"},
         "stage1": {"ssl_epochs": 3, "ssl_batch_size": 128, "width": 8, "feature_dim": 32, "umap_neighbors": 10,
                    "umap_epochs": 50},
+        "learner": {"net": "cnn", "width": 8, "iterations": 60, "batch_size": 16, "uratio": 2, "lr": 0.03,
+                    "ema": 0.9, "bn_momentum": 0.1, "threshold_momentum": 0.9, "flip": False, "crop_pad": 1,
+                    "ckpt_every": 10},
         "model": {"preset": "uvit_digits"},
         "train": {"steps": 30, "batch_size": 64, "ckpt_every": 10, "warmup_steps": 5, "log_every": 10},
         "sample": {"steps": 5},
@@ -398,6 +449,23 @@ def validate(cfg: Config) -> None:
         ("stage1.logreg_c", cfg.stage1.logreg_c >= 0, "must be >= 0 (0 = the method's default)"),
         ("stage1.backbone_crop", 0.0 < cfg.stage1.backbone_crop <= 1.0, "must be in (0, 1]"),
         ("stage1.backbone_batch_size", cfg.stage1.backbone_batch_size >= 1, "must be >= 1"),
+        ("learner.width", cfg.learner.width >= 1, "must be >= 1"),
+        ("learner.iterations", cfg.learner.iterations >= 1, "must be >= 1"),
+        ("learner.batch_size", cfg.learner.batch_size >= 1, "must be >= 1"),
+        ("learner.uratio", cfg.learner.uratio >= 1, "must be >= 1"),
+        ("learner.lr", cfg.learner.lr > 0, "must be > 0"),
+        ("learner.momentum", 0.0 <= cfg.learner.momentum < 1.0, "must be in [0, 1)"),
+        ("learner.weight_decay", cfg.learner.weight_decay >= 0, "must be >= 0"),
+        ("learner.cosine_cycles", 0.0 <= cfg.learner.cosine_cycles <= 0.5, "must be in [0, 0.5] (the lr stays >= 0)"),
+        ("learner.ema", 0.0 <= cfg.learner.ema < 1.0, "must be in [0, 1)"),
+        ("learner.bn_momentum", 0.0 < cfg.learner.bn_momentum <= 1.0, "must be in (0, 1]"),
+        ("learner.threshold_momentum", 0.0 <= cfg.learner.threshold_momentum < 1.0, "must be in [0, 1)"),
+        ("learner.p_cutoff", 0.0 < cfg.learner.p_cutoff <= 1.0, "must be in (0, 1]"),
+        ("learner.unsup_weight", cfg.learner.unsup_weight >= 0, "must be >= 0"),
+        ("learner.randaug_ops", cfg.learner.randaug_ops >= 0, "must be >= 0"),
+        ("learner.crop_pad", cfg.learner.crop_pad >= 0, "must be >= 0"),
+        ("learner.ckpt_every", cfg.learner.ckpt_every >= 1, "must be >= 1"),
+        ("learner.eval_batch_size", cfg.learner.eval_batch_size >= 1, "must be >= 1"),
         ("stage3.logreg_c", cfg.stage3.logreg_c >= 0, "must be >= 0 (0 = stage 1's)"),
         ("stage3.generated_weight", cfg.stage3.generated_weight >= 0, "must be >= 0"),
         ("stage3.min_confidence", 0.0 <= cfg.stage3.min_confidence < 1.0, "must be in [0, 1)"),

@@ -1,12 +1,15 @@
 """The three DPT stages as plain functions, and the driver that chains them over a run directory."""
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from pathlib import Path
 
 import torch
 
 from ..config import Config, dump_yaml
+from ..ssl import METHODS as LEARNER_METHODS
 from ..utils import UserError, log, write_json, write_text
 from .rundir import RunDir
 
@@ -19,7 +22,15 @@ SECTIONS: dict[int, tuple[str, ...]] = {
 
 
 def fingerprint(cfg: Config, stage: int) -> str:
-    return cfg.fingerprint(*SECTIONS[stage])
+    """A hash of the config sections stage `stage`'s outputs depend on. The end-to-end learners
+    (stage1.method=freematch | fixmatch) read stage1.method and the `learner` section, not the other stage1 keys."""
+    if cfg.stage1.method not in LEARNER_METHODS:
+        return cfg.fingerprint(*SECTIONS[stage])
+    d = cfg.to_dict()
+    sub = {"seed": d["seed"], **{s: d[s] for s in SECTIONS[stage]}}
+    sub["stage1"] = {"method": cfg.stage1.method}
+    sub["learner"] = d["learner"]
+    return hashlib.sha256(json.dumps(sub, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _stage_fn(n: int):

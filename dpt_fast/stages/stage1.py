@@ -7,6 +7,8 @@ logistic regression fitted on the labelled images only. Methods (`stage1.method`
   reduced by UMAP (fitted on the training images); unseen images (test, generated) are placed in the UMAP space
   by a kNN in SimCLR feature space (see `models.classifier.SimclrUmapSpace`).
 - pca_logreg: PCA of the pixels + logistic regression (the simple baseline).
+- freematch, fixmatch (the paper's CIFAR-10 recipe): a classifier trained end to end by TorchSSL's FreeMatch or
+  FixMatch; its EMA model labels the training images (`dpt_fast.stages.learner`, the `learner` config section).
 - features (real data, the paper's recipe): frozen timm backbone features (rows centred, L2-normalised) +
   logistic regression with the paper's lambda = 0.0025 / N (C = 400). The images are streamed in batches
   (`dpt_fast.data.stream`), so this works at ImageNet scale and is the only method for data.name=latents,
@@ -49,6 +51,7 @@ from ..distributed import setup_distributed
 from ..models.classifier import (PAPER_LOGREG_C, BackboneSpace, PcaSpace, SimclrUmapSpace, fit_logreg, load_encoder,
                                  save_encoder)
 from ..models.encoder import ConvEncoder, augment, encode, nt_xent
+from ..ssl import METHODS as LEARNER_METHODS
 from ..utils import UserError, atomic_path, log, read_json, resolve_device, save_npz
 from .rundir import RunDir
 
@@ -282,6 +285,10 @@ def run(cfg: Config, rd: RunDir, progress: bool = True) -> dict:
                fraction=cfg.split.fraction, seed=cfg.split.seed, data=cfg.data.name)
     log.info("stage 1: %s on %s (%d threads), %d training images, %d labelled", s1.method, device,
              torch.get_num_threads(), len(y), len(labelled))
+    if s1.method in LEARNER_METHODS:
+        from .learner import run_stage1
+
+        return run_stage1(cfg, rd, real.arrays, labelled, progress)
 
     if s1.method == "features":
         space, x_train, x_test = backbone_features(cfg, real, out, device, progress)

@@ -25,6 +25,7 @@ from ..config import Config
 from ..data import load_dataset, load_split
 from ..data.stream import ShardSource, cached_features, open_features
 from ..models.classifier import LinearHead, fit_logreg, load_space
+from ..ssl import METHODS as LEARNER_METHODS
 from ..utils import UserError, load_npz, log, read_json, resolve_device
 from .rundir import RunDir
 
@@ -82,6 +83,10 @@ def _in_memory_inputs(cfg: Config, rd: RunDir, space, labelled: np.ndarray, prog
 
 def run(cfg: Config, rd: RunDir, progress: bool = True) -> dict:
     """Fit the stage-3 classifier, save stage3/head.safetensors, return the metrics."""
+    if cfg.stage1.method in LEARNER_METHODS:  # the learner is trained again, with the generated images
+        from .learner import run_stage3
+
+        return run_stage3(cfg, rd, progress)
     t0, c0 = time.time(), time.process_time()
     m1 = read_json(rd.require(rd.metrics(1), 1))
     rd.require(rd.generated, 2)
@@ -119,6 +124,7 @@ def run(cfg: Config, rd: RunDir, progress: bool = True) -> dict:
         log.warning("stage 3: stage 1's classifier scores %.4f on the test split now, %.4f when stage 1 ran",
                     stage1_top1, m1["test_top1"])
     return {
+        "method": cfg.stage1.method,
         "top1": top1,
         "stage1_top1": stage1_top1,
         "gain": top1 - stage1_top1,
