@@ -105,7 +105,7 @@ def test_sampling_loop_cpu(benchmark, preset, batch, backend):
 
     def make_solver(net):
         fn = model_wrapper(net, ns, guidance_type="classifier-free", condition=y, unconditional_condition=y_null,
-                           guidance_scale=1.4)
+                           guidance_scale=1.4, model_time_fn=model_time)
         return DPMSolver(fn, ns, "dpmsolver++", backend=backend)
 
     solver = make_solver(model)
@@ -154,7 +154,7 @@ def test_generation_gpu(benchmark, preset, batch, path):
 
             return DPMSolver(eps, ns, "dpmsolver++", backend="python", cuda_graph=False)
         fn = model_wrapper(bf16(net), ns, guidance_type="classifier-free", condition=y, unconditional_condition=y_null,
-                           guidance_scale=1.4)
+                           guidance_scale=1.4, model_time_fn=model_time)
         return DPMSolver(fn, ns, "dpmsolver++", backend="auto", cuda_graph=True)
 
     solver = make_solver(model)

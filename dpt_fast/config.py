@@ -137,15 +137,30 @@ class DiffusionConfig:
 
 @dataclass
 class TrainConfig:
+    """Stage-2 training. The optimiser values (AdamW 2e-4, weight decay 0.03, betas (0.99, 0.99), p_uncond 0.15)
+    are U-ViT's; steps, warm-up, EMA and clipping are sized for short runs. The paper's full recipe is the
+    imagenet256_uvit_l / imagenet256_uvit_h presets (docs/PAPER.md)."""
+
     steps: int = 2000
     batch_size: int = 128
     lr: float = 2e-4
     weight_decay: float = 0.03
+    # all: every parameter decays (official U-ViT/DPT: one AdamW group) | matrices: not biases, norms, pos_embed
+    weight_decay_on: str = "matrices"
     betas: tuple[float, float] = (0.99, 0.99)
-    warmup_steps: int = 100
+    warmup_steps: int = 100  # linear LR warm-up, then constant
+    # True: step s (from 0) has LR lr * min(1, s / warmup_steps), so the first step's is 0 (official U-ViT/DPT
+    # LambdaLR); False: lr * min(1, (s + 1) / warmup_steps).
+    warmup_from_zero: bool = False
     ema_decay: float = 0.999
+    # True: decay min(ema_decay, (1 + n) / (10 + n)) after n updates (short runs); False: ema_decay from the
+    # first step (official U-ViT/DPT, EMA started as a copy of the weights).
+    ema_warmup: bool = True
     p_uncond: float = 0.15
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping (official U-ViT/DPT)
+    # Continuous ('linear') schedule: training times t ~ U(t_min, 1); official U-ViT sde.py draws U(0, 1) (0).
+    # The discrete schedule always draws n ~ U{1..N} (official train_ldm_discrete).
+    t_min: float = 0.001
     ckpt_every: int = 200  # steps between resumable checkpoints
     keep_checkpoints: int = 2
     log_every: int = 50
@@ -154,11 +169,14 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    steps: int = 20  # DPM-Solver steps
+    steps: int = 20  # DPM-Solver model evaluations (NFE)
     order: int = 2
-    method: str = "multistep"  # multistep | singlestep | singlestep_fixed
+    # multistep | singlestep (DPM-Solver-fast: orders mixed to spend exactly `steps` NFE, the official DPT
+    # sampler with order 3) | singlestep_fixed
+    method: str = "multistep"
     algorithm: str = "dpmsolver++"  # dpmsolver | dpmsolver++
     skip_type: str = "time_uniform"  # time_uniform | logSNR | time_quadratic
+    t_end: float = 0.0  # where sampling ends; 0 = the schedule's default: 1e-4 for linear, 1/N for discrete
     cfg_scale: float = 0.4  # U-ViT/DPT convention: eps = eps_c + s * (eps_c - eps_u)
     backend: str = "auto"  # auto | cpp | python: the per-step update
     cuda_graph: bool = True
@@ -227,6 +245,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "diffusion.schedule": ("linear", "discrete"),
     "diffusion.prediction": ("eps", "v"),
     "train.precision": ("auto", "fp32", "bf16"),
+    "train.weight_decay_on": ("matrices", "all"),
     "sample.method": ("multistep", "singlestep", "singlestep_fixed"),
     "sample.algorithm": ("dpmsolver", "dpmsolver++"),
     "sample.skip_type": ("time_uniform", "logSNR", "time_quadratic"),
@@ -238,23 +257,26 @@ CHOICES: dict[str, tuple[str, ...]] = {
 # ----------------------------------------------------------------------------------------------
 PRESETS: dict[str, dict[str, Any]] = {
     # The embedded default: MNIST-5k (4,000 train / 1,000 test), all three stages in minutes on CPU.
-    # Stage 2 is tuned for a CPU budget of ~2,000 steps (README, "Stage-2 tuning"); the dataclass defaults
-    # above are the paper's (U-ViT: AdamW 2e-4, betas (0.99, 0.99), eps-prediction, CFG scale 0.4), which
-    # learn the class conditioning only after far more steps than a CPU run has.
+    # Stage 2 is tuned for a CPU budget of ~2,000 steps (README, "Stage-2 tuning"): U-ViT's optimiser and
+    # eps-prediction with CFG scale 0.4 (the dataclass defaults) learn the class conditioning only after far
+    # more steps than a CPU run has.
     "mnist5k": {
         "diffusion": {"prediction": "v"},
         "train": {"steps": 2000, "batch_size": 64, "lr": 1e-3, "betas": [0.9, 0.99], "warmup_steps": 100},
         "sample": {"cfg_scale": 3.0},
     },
-    # The paper's stage-2 recipe (U-ViT's optimiser, eps-prediction, CFG 0.4) = the dataclass defaults, for real
-    # data (docs/REAL_DATA.md): set data.*, model.preset, train.steps / batch_size for the run's scale.
-    "paper": {"name": "paper"},
-    # The paper's CIFAR-10 protocol (DPT's cifar10_experiment, docs/CIFAR10.md): FreeMatch on WRN-28-2 with 4
+    # The dataclass defaults (U-ViT's optimiser and eps-prediction, CFG 0.4, with a short run's warm-up, EMA,
+    # clipping, K and sampler), for other data at a scale you set (docs/REAL_DATA.md): data.*, model.preset,
+    # train.steps / batch_size. Not the paper's recipe: that is the imagenet256_uvit_* presets below.
+    "base": {"name": "base"},
+    # The paper's CIFAR-10 protocol (DPT's cifar10_experiment, docs/PAPER.md): FreeMatch on WRN-28-2 with 4
     # labels per class, TorchSSL's iterations (2^20) and optimiser (the learner defaults) and DPT's config
     # (no fairness term: its FreeMatch has ent_loss_ratio 0); stage 3 retrains it with 1001 generated images per
-    # class (DPT's generate.sh 1000: indices 0..1000). Stage 2 is U-ViT's official CIFAR-10 config
-    # (configs/cifar10_uvit_small.py: U-ViT-S/2, AdamW 2e-4, betas (0.99, 0.999), wd 0.03, 2,500 warm-up
-    # steps, 500k steps of 128), class-conditional; the paper's CIFAR-10 generator was EDM, not a U-ViT.
+    # class (DPT's `generate.sh 1000`: indices 0..1000). The paper's CIFAR-10 generator was EDM; stage 2 here is
+    # U-ViT's official CIFAR-10 config (configs/cifar10_uvit_small.py: U-ViT-S/2, 500k steps of 128, AdamW 2e-4,
+    # betas (0.99, 0.999), weight decay 0.03 on every parameter, warm-up 2,500 steps from 0; train.py: EMA
+    # 0.9999 from the first step, no clipping, continuous VP with t ~ U(0, 1)), made class-conditional, and
+    # DPT's U-ViT sampler (DPM-Solver-fast, order 3, 50 NFE, CFG 0.4).
     "cifar10": {
         "name": "cifar10",
         "data": {"name": "cifar10"},
@@ -262,8 +284,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "stage1": {"method": "freematch"},
         "learner": {"fairness_weight": 0.0},
         "model": {"preset": "uvit_s2_pixel32"},
-        "train": {"steps": 500000, "batch_size": 128, "lr": 2e-4, "weight_decay": 0.03, "betas": [0.99, 0.999],
-                  "warmup_steps": 2500, "ckpt_every": 10000},
+        "diffusion": {"schedule": "linear", "beta_0": 0.1, "beta_1": 20.0, "prediction": "eps"},
+        "train": {"steps": 500000, "batch_size": 128, "lr": 2e-4, "weight_decay": 0.03, "weight_decay_on": "all",
+                  "betas": [0.99, 0.999], "warmup_steps": 2500, "warmup_from_zero": True, "ema_decay": 0.9999,
+                  "ema_warmup": False, "grad_clip": 0.0, "t_min": 0.0, "ckpt_every": 10000, "log_every": 100},
+        "sample": {"steps": 50, "order": 3, "method": "singlestep", "algorithm": "dpmsolver", "skip_type": "logSNR",
+                   "t_end": 1e-4, "cfg_scale": 0.4},
         "gen": {"k_per_class": 1001},
     },
     # scikit-learn digits (8x8): seconds per stage, for tests.
@@ -281,6 +307,60 @@ PRESETS: dict[str, dict[str, Any]] = {
         "gen": {"k_per_class": 4, "batch_size": 40, "shard_size": 16},
     },
 }
+
+
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`base` with the nested overrides `over` applied (new dicts; the inputs are not changed)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+# The paper's ImageNet 256x256 recipe, value for value from the official DPT configs
+# (configs/accelerate_b4_subset1_2img_k_128_{large,huge}.py), training scripts (train_ldm.py,
+# train_ldm_discrete.py, U-ViT's sde.py / utils.py) and sampling scripts (sample_ldm_all.py,
+# sample_ldm_discrete_all.py); docs/PAPER.md lists every value with its source. The user sets data.root (a
+# folder made by `python -m dpt_fast.data.prepare --vae`), stage1.backbone_weights (the MSN checkpoint) and
+# data.test_root / split.subset_file as in docs/PAPER.md.
+_IMAGENET256_UVIT: dict[str, Any] = {
+    "data": {"name": "latents"},
+    "split": {"labels_per_class": 2},  # the configs' imagenet_subsets1/2imgs_class.txt
+    "stage1": {"method": "features", "backbone": "msn"},
+    "diffusion": {"prediction": "eps"},
+    "train": {"batch_size": 1024, "lr": 2e-4, "weight_decay": 0.03, "weight_decay_on": "all", "betas": [0.99, 0.99],
+              "warmup_steps": 5000, "warmup_from_zero": True, "ema_decay": 0.9999, "ema_warmup": False,
+              "grad_clip": 0.0, "ckpt_every": 5000, "log_every": 100},
+    "sample": {"steps": 50, "order": 3, "method": "singlestep", "cfg_scale": 0.4},
+    "gen": {"k_per_class": 128},
+}
+# U-ViT-L/2, continuous VP schedule (beta 0.1 -> 20), t ~ U(0, 1); DPM-Solver-fast (noise prediction) order 3
+# with uniform logSNR steps down to t = 1e-4 (sample_ldm_all.py).
+PRESETS["imagenet256_uvit_l"] = _merged(_IMAGENET256_UVIT, {
+    "name": "imagenet256_uvit_l",
+    "model": {"preset": "uvit_l2_latent256", "use_checkpoint": True},
+    "diffusion": {"schedule": "linear", "beta_0": 0.1, "beta_1": 20.0},
+    "train": {"steps": 300000, "p_uncond": 0.15, "t_min": 0.0},
+    "sample": {"algorithm": "dpmsolver", "skip_type": "logSNR", "t_end": 1e-4},
+})
+# U-ViT-H/2 (no final conv), Stable Diffusion's scaled-linear betas (0.00085 -> 0.012, N = 1000), n ~ U{1..N};
+# DPM-Solver++-fast order 3 with uniform time steps down to t = 1/N (sample_ldm_discrete_all.py).
+PRESETS["imagenet256_uvit_h"] = _merged(_IMAGENET256_UVIT, {
+    "name": "imagenet256_uvit_h",
+    "model": {"preset": "uvit_h2_latent256", "use_checkpoint": True},
+    "diffusion": {"schedule": "discrete", "discrete_beta_start": 0.00085, "discrete_beta_end": 0.012,
+                  "num_timesteps": 1000},
+    "train": {"steps": 500000, "p_uncond": 0.1},
+    "sample": {"algorithm": "dpmsolver++", "skip_type": "time_uniform", "t_end": 0.001},
+})
+# A single-GPU smoke run of the U-ViT-L/2 recipe: the same model, schedule, optimiser and sampler, but 500
+# steps of 64 latents and 4 images per class. It checks that the pipeline runs end to end; its images are
+# not meant to be good (the constant 0.9999 EMA has barely moved from the initial weights after 500 steps).
+PRESETS["imagenet256_uvit_l_smoke"] = _merged(PRESETS["imagenet256_uvit_l"], {
+    "name": "imagenet256_uvit_l_smoke",
+    "train": {"steps": 500, "batch_size": 64, "warmup_steps": 50, "ckpt_every": 100, "log_every": 10},
+    "gen": {"k_per_class": 4},
+})
 
 
 def _plain(obj: Any) -> Any:
@@ -430,9 +510,13 @@ def validate(cfg: Config) -> None:
         ("train.batch_size", cfg.train.batch_size >= 1, "must be >= 1"),
         ("train.p_uncond", 0.0 <= cfg.train.p_uncond < 1.0, "must be in [0, 1)"),
         ("train.ema_decay", 0.0 <= cfg.train.ema_decay < 1.0, "must be in [0, 1)"),
+        ("train.grad_clip", cfg.train.grad_clip >= 0, "must be >= 0 (0 = no clipping)"),
+        ("train.t_min", 0.0 <= cfg.train.t_min < 1.0, "must be in [0, 1)"),
+        ("train.warmup_steps", cfg.train.warmup_steps >= 0, "must be >= 0"),
         ("train.ckpt_every", cfg.train.ckpt_every >= 1, "must be >= 1"),
         ("sample.steps", cfg.sample.steps >= 1, "must be >= 1"),
         ("sample.order", cfg.sample.order in (1, 2, 3), "must be 1, 2 or 3"),
+        ("sample.t_end", 0.0 <= cfg.sample.t_end < 1.0, "must be in [0, 1) (0 = the schedule's default)"),
         ("gen.k_per_class", cfg.gen.k_per_class >= 1, "must be >= 1"),
         ("gen.batch_size", cfg.gen.batch_size >= 1, "must be >= 1"),
         ("gen.shard_size", cfg.gen.shard_size >= 1, "must be >= 1"),

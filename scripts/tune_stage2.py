@@ -7,8 +7,8 @@ pseudo-labels, so that stage 1 need not run first). Training resumes between mil
 
     python scripts/tune_stage2.py NAME --milestones 1000,2000 --cfgs 3 [key=value ...]
 
-e.g. the paper's optimiser / eps-prediction / std-.02 positions against the preset:
-    python scripts/tune_stage2.py paper --milestones 1000 --cfgs 3 diffusion.prediction=eps train.lr=2e-4 \
+e.g. U-ViT's optimiser / eps-prediction / std-.02 positions against the preset:
+    python scripts/tune_stage2.py uvit_optimiser --milestones 1000 --cfgs 3 diffusion.prediction=eps train.lr=2e-4 \
         "train.betas=[0.99,0.99]" model.pos_embed_init=trunc_normal
 """
 from __future__ import annotations

@@ -19,12 +19,18 @@ def _schedules():
     }
 
 
+def _reference_time(ns, t_in):
+    """Continuous time from the DPM-Solver reference's time input (`model_wrapper`'s default)."""
+    t_in = t_in.to(torch.float64)
+    return t_in / 1000.0 + 1.0 / ns.total_N if ns.schedule == "discrete" else t_in
+
+
 def _eps_net(ns):
-    """A smooth, deterministic, nonlinear eps network on the model's time input (U-ViT convention)."""
-    scale = 999.0 if ns.schedule == "linear" else float(ns.total_N)
+    """A smooth, deterministic, nonlinear eps network on the reference's time input (as code written against
+    the reference would pass to `model_wrapper`)."""
 
     def net(x, t_in, y=None):
-        t = (t_in.to(torch.float64) / scale).view(-1, *[1] * (x.dim() - 1))
+        t = _reference_time(ns, t_in).view(-1, *[1] * (x.dim() - 1))
         a, s = ns.marginal_alpha(t), ns.marginal_std(t)
         shift = 0.0 if y is None else 0.1 * y.to(torch.float64).view_as(t)
         eps = s * (x.double() - a * (0.3 + shift)) / (a * a * 0.25 + s * s) + 0.05 * torch.tanh(x.double()) * t
@@ -193,7 +199,7 @@ def test_sampler_equals_the_published_algorithm_step_by_step(kind, alg, method, 
     net = _eps_net(ns)
     x = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     steps = 7 if method != "singlestep_fixed" else 9
-    ref = _Textbook(lambda v, t: net(v, model_time(ns, t)), ns, alg).sample(
+    ref = _Textbook(lambda v, t: net(v, dpm_solver_model_time(ns, t)), ns, alg).sample(
         x, steps, 1e-3, order, skip, method, lower_order_final=True, denoise_to_zero=False, solver_type="dpmsolver")
     for backend in BACKENDS:
         out = DPMSolver(model_wrapper(net, ns), ns, alg, backend=backend).sample(
@@ -208,7 +214,7 @@ def test_taylor_solver_type_denoise_to_zero_and_long_runs_match_the_published_al
     net = _eps_net(ns)
     x = torch.randn(2, 1, 3, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     for steps, lof, dtz, st in [(12, True, True, "taylor"), (20, False, False, "dpmsolver"), (6, True, False, "taylor")]:
-        ref = _Textbook(lambda v, t: net(v, model_time(ns, t)), ns, alg).sample(x, steps, 1e-3, order, "logSNR", method, lof, dtz, st)
+        ref = _Textbook(lambda v, t: net(v, dpm_solver_model_time(ns, t)), ns, alg).sample(x, steps, 1e-3, order, "logSNR", method, lof, dtz, st)
         solver = DPMSolver(model_wrapper(net, ns), ns, alg, backend=BACKENDS[-1])
         out = solver.sample(x, steps=steps, t_end=1e-3, order=order, skip_type="logSNR", method=method,
                             lower_order_final=lof, denoise_to_zero=dtz, solver_type=st)
@@ -228,8 +234,7 @@ def test_multistep_dpmsolver_pp_matches_diffusers(order):
     sched.set_timesteps(steps)
     ns = _schedules()["discrete"]
 
-    def net(x, t_in):  # diffusers calls it with the DDPM step index, as the reference model_wrapper does
-        return _eps_net(ns)(x, (t_in.to(torch.float64) + 1.0))
+    net = _eps_net(ns)  # diffusers calls it with the DDPM step index, as the reference model_wrapper does
 
     x0 = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     x = x0.clone()
@@ -239,7 +244,7 @@ def test_multistep_dpmsolver_pp_matches_diffusers(order):
     # The same time grid in continuous time: step index n <-> t = (n + 1) / N; diffusers ends at sigma_min (n = 0).
     grid = torch.cat([(sched.timesteps.double() + 1) / 1000, torch.tensor([1e-3], dtype=torch.float64)])
     for backend in BACKENDS:
-        solver = DPMSolver(model_wrapper(net, ns, model_time_fn=dpm_solver_model_time), ns, "dpmsolver++", backend=backend)
+        solver = DPMSolver(model_wrapper(net, ns), ns, "dpmsolver++", backend=backend)
         solver.get_time_steps = lambda *a, **k: grid
         ours = solver.sample(x0, steps=steps, order=order, method="multistep", lower_order_final=False)
         assert _rel(ours, x) < 2e-5, (backend, _rel(ours, x))
@@ -248,8 +253,8 @@ def test_multistep_dpmsolver_pp_matches_diffusers(order):
 def _gaussian_problem(ns, mu, s):
     """Data N(mu, s^2): the exact eps predictor and the exact probability-flow ODE map x_T -> x_t0."""
 
-    def net(x, t_in):
-        t = (t_in.to(torch.float64) / 999.0).view(-1, *[1] * (x.dim() - 1))
+    def net(x, t_in):  # linear schedule: the reference's time input is t itself
+        t = t_in.to(torch.float64).view(-1, *[1] * (x.dim() - 1))
         a, sg = ns.marginal_alpha(t), ns.marginal_std(t)
         return sg * (x - a * mu) / (a * a * s * s + sg * sg)
 
@@ -303,7 +308,7 @@ def test_classifier_free_guidance_is_one_forward_of_2b_rows_in_the_reference_con
                        guidance_scale=1.0 + s)
     guided = fn(x, t)
     assert calls == [8]
-    eps_c, eps_u = net(x, model_time(ns, t), y), net(x, model_time(ns, t), y_null)
+    eps_c, eps_u = net(x, dpm_solver_model_time(ns, t), y), net(x, dpm_solver_model_time(ns, t), y_null)
     torch.testing.assert_close(guided, eps_c + s * (eps_c - eps_u))
     # The fused sampler folds the same combination into the update: equal to sampling with the Python-side CFG.
     plain = lambda v, tt: fn(v, tt)  # noqa: E731  (an opaque callable: no fusion)
@@ -320,7 +325,7 @@ def test_x_start_v_and_score_models_give_the_noise_models_samples(model_type, al
     net = _eps_net(ns)
 
     def converted(x, t_in):
-        t = (t_in.to(torch.float64) / ns.total_N).view(-1, 1, 1, 1)
+        t = _reference_time(ns, t_in).view(-1, 1, 1, 1)
         a, s = ns.marginal_alpha(t), ns.marginal_std(t)
         eps = net(x, t_in)
         return {"x_start": (x - s * eps) / a, "v": (eps - s * x) / a, "score": -eps / s}[model_type]
@@ -359,3 +364,161 @@ def test_bad_sampler_arguments_are_value_errors(kwargs, match):
         DPMSolver(solver.model_fn, ns, algorithm_type="ddim")
     with pytest.raises(ValueError, match="model_type"):
         model_wrapper(_eps_net(ns), ns, model_type="eps")
+
+
+# ----------------------------------------------------------------------------------------------
+# The network's time input, and the official DPT samplers of the imagenet256_uvit_* presets.
+# ----------------------------------------------------------------------------------------------
+def _reference_get_model_input_time(noise_schedule, t_continuous):
+    """A faithful copy of `model_wrapper.get_model_input_time` of LuChengTHU/dpm-solver dpm_solver_pytorch.py."""
+    if noise_schedule.schedule == 'discrete':
+        return (t_continuous - 1. / noise_schedule.total_N) * 1000.
+    else:
+        return t_continuous
+
+
+@pytest.mark.parametrize("kind", ["linear", "discrete"])
+def test_model_wrapper_feeds_the_reference_time_input_by_default_and_uvit_time_when_asked(kind):
+    ns = _schedules()[kind]
+    seen = []
+
+    def net(x, t_in):
+        seen.append(t_in.clone())
+        return x
+
+    t = torch.tensor([1e-3, 0.25, 0.5, 1.0], dtype=torch.float64)
+    x = torch.zeros(4, 1)
+    model_wrapper(net, ns)(x, t)
+    torch.testing.assert_close(seen[-1], _reference_get_model_input_time(ns, t), rtol=0, atol=0)
+    model_wrapper(net, ns, model_time_fn=model_time)(x, t)  # U-ViT: sde.py `t * 999`, train_ldm_discrete `n`
+    torch.testing.assert_close(seen[-1], t * (999.0 if kind == "linear" else 1000.0), rtol=0, atol=0)
+    from dpt_fast.sampling import DPM_Solver
+
+    assert DPM_Solver is DPMSolver
+
+
+def _dpt_v1_fast(model_fn, ns, x, steps, eps):
+    """A faithful copy (float64) of DPT's `dpm_solver_pytorch.DPM_Solver.sample(x, steps, eps, adaptive_step_size=
+    False, fast_version=True)` (sample_ldm_all.py, U-ViT-L/2): DPM-Solver-fast with noise prediction, K = steps // 3
+    + 1 steps uniform in logSNR, r1 = 1/3, r2 = 2/3 (order 3), r1 = 1/2 (order 2)."""
+    K = steps // 3 + 1
+    if steps % 3 == 0:
+        orders = [3, ] * (K - 2) + [2, 1]
+    elif steps % 3 == 1:
+        orders = [3, ] * (K - 1) + [1]
+    else:
+        orders = [3, ] * (K - 1) + [2]
+    lam_T, lam_0 = ns.marginal_lambda(torch.tensor(1.0, dtype=torch.float64)), ns.marginal_lambda(torch.tensor(eps, dtype=torch.float64))
+    timesteps = ns.inverse_lambda(torch.linspace(float(lam_T), float(lam_0), K + 1, dtype=torch.float64))
+    la, sg, lam, inv = ns.marginal_log_mean_coeff, ns.marginal_std, ns.marginal_lambda, ns.inverse_lambda
+    for i, order in enumerate(orders):
+        s, t = timesteps[i].expand(x.shape[0]), timesteps[i + 1].expand(x.shape[0])
+        dims = (...,) + (None,) * (x.dim() - 1)
+        h = lam(t) - lam(s)
+        noise_s = model_fn(x, s)
+        if order == 1:
+            x = torch.exp(la(t) - la(s))[dims] * x - (sg(t) * torch.expm1(h))[dims] * noise_s
+        elif order == 2:
+            r1 = 0.5
+            s1 = inv(lam(s) + r1 * h)
+            x_s1 = torch.exp(la(s1) - la(s))[dims] * x - (sg(s1) * torch.expm1(r1 * h))[dims] * noise_s
+            noise_s1 = model_fn(x_s1, s1)
+            x = (torch.exp(la(t) - la(s))[dims] * x - (sg(t) * torch.expm1(h))[dims] * noise_s
+                 - (0.5 / r1) * (sg(t) * torch.expm1(h))[dims] * (noise_s1 - noise_s))
+        else:
+            r1, r2 = 1. / 3., 2. / 3.
+            s1, s2 = inv(lam(s) + r1 * h), inv(lam(s) + r2 * h)
+            phi_22 = torch.expm1(r2 * h) / (r2 * h) - 1.
+            phi_2 = torch.expm1(h) / h - 1.
+            x_s1 = torch.exp(la(s1) - la(s))[dims] * x - (sg(s1) * torch.expm1(r1 * h))[dims] * noise_s
+            noise_s1 = model_fn(x_s1, s1)
+            x_s2 = (torch.exp(la(s2) - la(s))[dims] * x - (sg(s2) * torch.expm1(r2 * h))[dims] * noise_s
+                    - r2 / r1 * (sg(s2) * phi_22)[dims] * (noise_s1 - noise_s))
+            noise_s2 = model_fn(x_s2, s2)
+            x = (torch.exp(la(t) - la(s))[dims] * x - (sg(t) * torch.expm1(h))[dims] * noise_s
+                 - (1. / r2) * (sg(t) * phi_2)[dims] * (noise_s2 - noise_s))
+    return x
+
+
+def _dpt_pp_fast(model_fn, ns, x, steps, eps):
+    """A faithful copy (float64) of DPT's `dpm_solver_pp.DPM_Solver(model_fn, ns, predict_x0=True).sample(x, steps,
+    eps, T=1.)` (sample_ldm_discrete_all.py, U-ViT-H/2; defaults order=3, skip_type='time_uniform', method='fast',
+    solver_type='dpm_solver'): the orders of DPM-Solver-fast over a grid of `steps` + 1 uniform times, each step
+    spanning `order` grid intervals whose inner grid points give r1, r2."""
+    K = steps // 3 + 1
+    if steps % 3 == 0:
+        orders = [3, ] * (K - 2) + [2, 1]
+    elif steps % 3 == 1:
+        orders = [3, ] * (K - 1) + [1]
+    else:
+        orders = [3, ] * (K - 1) + [2]
+    timesteps = torch.linspace(1.0, eps, steps + 1, dtype=torch.float64)
+    la, sg, lam, inv = ns.marginal_log_mean_coeff, ns.marginal_std, ns.marginal_lambda, ns.inverse_lambda
+    al = ns.marginal_alpha
+
+    def x0_fn(v, t):  # DPM_Solver.model_fn with predict_x0
+        return (v - sg(t)[dims] * model_fn(v, t)) / al(t)[dims]
+
+    i = 0
+    for order in orders:
+        s, t = timesteps[i].expand(x.shape[0]), timesteps[i + order].expand(x.shape[0])
+        dims = (...,) + (None,) * (x.dim() - 1)
+        h = lam(timesteps[i + order]) - lam(timesteps[i])
+        m_s = x0_fn(x, s)
+        phi_1 = torch.expm1(-h)
+        if order == 1:
+            x = (sg(t) / sg(s))[dims] * x + (al(t) * (torch.exp(-h) - 1.) / (-1.))[dims] * m_s
+        elif order == 2:
+            r1 = (lam(timesteps[i + 1]) - lam(timesteps[i])) / h
+            s1 = inv(lam(s) + r1 * h)
+            x_s1 = (sg(s1) / sg(s))[dims] * x - (al(s1) * torch.expm1(-r1 * h))[dims] * m_s
+            m_s1 = x0_fn(x_s1, s1)
+            x = ((sg(t) / sg(s))[dims] * x - (al(t) * phi_1)[dims] * m_s
+                 - (0.5 / r1) * (al(t) * phi_1)[dims] * (m_s1 - m_s))
+        else:
+            r1 = (lam(timesteps[i + 1]) - lam(timesteps[i])) / h
+            r2 = (lam(timesteps[i + 2]) - lam(timesteps[i])) / h
+            s1, s2 = inv(lam(s) + r1 * h), inv(lam(s) + r2 * h)
+            phi_22 = torch.expm1(-r2 * h) / (r2 * h) + 1.
+            phi_2 = phi_1 / h + 1.
+            x_s1 = (sg(s1) / sg(s))[dims] * x - (al(s1) * torch.expm1(-r1 * h))[dims] * m_s
+            m_s1 = x0_fn(x_s1, s1)
+            x_s2 = ((sg(s2) / sg(s))[dims] * x - (al(s2) * torch.expm1(-r2 * h))[dims] * m_s
+                    + r2 / r1 * (al(s2) * phi_22)[dims] * (m_s1 - m_s))
+            m_s2 = x0_fn(x_s2, s2)
+            x = ((sg(t) / sg(s))[dims] * x - (al(t) * phi_1)[dims] * m_s
+                 + (1. / r2) * (al(t) * phi_2)[dims] * (m_s2 - m_s))
+        i += order
+    return x
+
+
+@pytest.mark.parametrize("preset,official", [("imagenet256_uvit_l", _dpt_v1_fast), ("imagenet256_uvit_h", _dpt_pp_fast)])
+def test_the_presets_sampler_is_the_official_dpt_sampler(preset, official):
+    from dpt_fast.config import load_config
+    from dpt_fast.diffusion import make_schedule
+
+    cfg = load_config(preset)
+    ns = make_schedule(cfg.diffusion)
+    net = _eps_net(ns)
+    uvit_scale = 999.0 if ns.schedule == "linear" else float(ns.total_N)  # sde.py `t * 999`; `t_continuous * N`
+
+    def uvit(x, t_in, y):  # a network on U-ViT's time input
+        return net(x, dpm_solver_model_time(ns, t_in.to(torch.float64) / uvit_scale), y)
+
+    y, y_null = torch.tensor([0, 1, 2]), torch.full((3,), 10)
+    s = cfg.sample
+
+    def cfg_nnet(x, t_continuous):  # the official scripts' classifier-free guidance and time input
+        t_in = t_continuous * uvit_scale
+        cond, uncond = uvit(x, t_in, y), uvit(x, t_in, y_null)
+        return cond + s.cfg_scale * (cond - uncond)
+
+    x = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    ref = official(cfg_nnet, ns, x, steps=50, eps=1e-4 if preset.endswith("_l") else 1.0 / 1000)
+    fn = model_wrapper(uvit, ns, guidance_type="classifier-free", condition=y, unconditional_condition=y_null,
+                       guidance_scale=1.0 + s.cfg_scale, model_time_fn=model_time)
+    for backend in BACKENDS:
+        solver = DPMSolver(fn, ns, s.algorithm, backend=backend)
+        out = solver.sample(x, steps=s.steps, t_end=s.t_end, order=s.order, skip_type=s.skip_type, method=s.method)
+        assert solver.last_nfe == 50
+        assert _rel(out, ref) < 1e-9, (backend, _rel(out, ref))

@@ -144,6 +144,46 @@ def test_guidance_uses_one_forward_of_2b_rows_and_no_guidance_uses_b(tmp_path):
     assert rows[0] == (6, 0)
 
 
+@pytest.mark.parametrize("kind,first_time_input", [("linear", 999.0), ("discrete", 1000.0)])
+def test_the_network_gets_uvits_time_input(tmp_path, kind, first_time_input):
+    """999 t (sde.py) / N t (train_ldm_discrete.py), not the DPM-Solver reference's t / (t - 1/N) 1000."""
+    from dpt_fast.diffusion.schedule import scaled_linear_betas
+
+    times = []
+
+    class Spy(ToyUViT):
+        def forward(self, x, timesteps, y):
+            times.append(timesteps.max().item())
+            return super().forward(x, timesteps, y)
+
+    ns = NoiseScheduleVP("linear") if kind == "linear" else NoiseScheduleVP("discrete", betas=scaled_linear_betas())
+    generate(Spy(), ns, [0], 1, (1, 4, 4), tmp_path, null_class=NULL, cfg_scale=0.4, steps=3, order=1,
+             method="multistep", algorithm="dpmsolver++", skip_type="time_uniform", batch_size=1, shard_size=1, seed=0,
+             device="cpu", progress=False)
+    assert times[0] == pytest.approx(first_time_input)  # sampling starts at t = 1
+
+
+def test_explicit_labels_give_per_class_indices_resume_and_extend(tmp_path):
+    labels = [2, 0, 2, 2, 1, 0, 2, 1, 1, 0, 2]
+    summary = _gen(tmp_path / "a", labels=labels, classes=[], k_per_class=0)
+    images, got = load_generated(tmp_path / "a")
+    np.testing.assert_array_equal(got, labels)
+    assert summary["images"] == 11 and summary["shards"] == 3
+    index = np.concatenate([np.load(tmp_path / "a" / f"shard-0000{s}.npz")["index"] for s in range(3)])
+    np.testing.assert_array_equal(index, [0, 0, 1, 2, 0, 1, 3, 1, 2, 2, 4])  # k-th image of its class
+    # Item (class c, index i) is the same image as in a classes x K run: the noise depends on (seed, c, i) only.
+    _gen(tmp_path / "k")  # classes [0, 1, 2], K = 5: item j is image j // 3 of class j % 3
+    k_images, _ = load_generated(tmp_path / "k")
+    for c, i, img in zip(labels, index, images):
+        np.testing.assert_array_equal(img, k_images[int(i) * 3 + c])
+    # A longer label list with the same prefix keeps the full shards; a rerun samples nothing.
+    model = ToyUViT()
+    more = _gen(tmp_path / "a", model=model, labels=labels + [0, 1, 2, 0, 1], classes=[], k_per_class=0)
+    assert more["skipped_shards"] == 2 and more["generated"] == 8
+    assert _gen(tmp_path / "a", model=ToyUViT(), labels=labels + [0, 1, 2, 0, 1], classes=[], k_per_class=0)["generated"] == 0
+    assert json.loads((tmp_path / "a" / "manifest.json").read_text())["k_per_class"] is None
+
+
 def test_load_generated_without_a_generation_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="stage 2"):
         load_generated(tmp_path / "nothing")

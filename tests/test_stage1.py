@@ -186,15 +186,15 @@ def test_simclr_noise_augmentation_speckles_half_the_views_and_leaves_the_rest_a
     assert (noisy[(noisy != plain).flatten(1).any(1)] > -1.0).float().mean() > 0.3
 
 
-def test_mnist5k_preset_is_the_tuned_cpu_recipe_and_the_dataclass_defaults_the_papers():
+def test_mnist5k_preset_is_the_tuned_cpu_recipe_and_the_dataclass_defaults_uvits_optimiser():
     from dpt_fast.config import Config, load_config
     from dpt_fast.models.uvit import uvit_kwargs
 
     cfg = load_config("mnist5k")
     assert (cfg.diffusion.prediction, cfg.train.lr, tuple(cfg.train.betas), cfg.sample.cfg_scale) == ("v", 1e-3, (0.9, 0.99), 3.0)
-    paper = Config()
-    assert load_config("paper").to_dict() == {**paper.to_dict(), "name": "paper"}
-    assert (paper.diffusion.prediction, paper.train.lr, tuple(paper.train.betas), paper.sample.cfg_scale) == ("eps", 2e-4, (0.99, 0.99), 0.4)
+    default = Config()
+    assert load_config("base").to_dict() == {**default.to_dict(), "name": "base"}
+    assert (default.diffusion.prediction, default.train.lr, tuple(default.train.betas), default.sample.cfg_scale) == ("eps", 2e-4, (0.99, 0.99), 0.4)
     kw = uvit_kwargs(cfg.model, 11)
     assert (kw["patch_size"], kw["embed_dim"], kw["depth"], kw["pos_embed_init"], kw["conv"]) == (7, 128, 6, "sincos", False)
     assert uvit_kwargs(load_config("mnist5k", ["model.pos_embed_init=trunc_normal"]).model, 11)["pos_embed_init"] == "trunc_normal"

@@ -84,9 +84,11 @@ def test_stage2_killed_mid_training_resumes_from_its_last_checkpoint(rd, monkeyp
 
 def test_new_sampler_settings_reuse_the_trained_weights(rd):
     run_stages(_cfg(), rd.root, [2], progress=False)
-    metrics = run_stages(_cfg("sample.cfg_scale=1.5"), rd.root, [2], progress=False)[2]
+    assert json.loads((rd.generated / "manifest.json").read_text())["identity"]["t_end"] == pytest.approx(1e-4)
+    metrics = run_stages(_cfg("sample.cfg_scale=1.5", "sample.t_end=0.002"), rd.root, [2], progress=False)[2]
     assert metrics["train_resumed_from"] == 6  # no training step repeated
-    assert json.loads((rd.generated / "manifest.json").read_text())["identity"]["cfg_scale"] == 1.5
+    identity = json.loads((rd.generated / "manifest.json").read_text())["identity"]
+    assert identity["cfg_scale"] == 1.5 and identity["t_end"] == 0.002
 
 
 def test_checkpoints_of_another_config_are_a_one_line_error_naming_fresh(rd):

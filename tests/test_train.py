@@ -246,3 +246,76 @@ class _Lambda(nn.Module):
 
     def forward(self, *args):
         return self.fn(*args)
+
+
+# ----------------------------------------------------------------------------------------------
+# The official U-ViT / DPT conventions the imagenet256_uvit_* presets switch on (faithful copies of
+# U-ViT's sde.py, utils.py and train_ldm*.py below).
+# ----------------------------------------------------------------------------------------------
+def test_continuous_training_times_can_be_drawn_as_uvit_sde_sample_does():
+    sch = make_schedule(load_config("digits").diffusion)
+    t_init = 0  # official `SDE.sample(x0, t_init=0)`, as LSimple calls it
+    official = torch.rand(4096, generator=torch.Generator().manual_seed(5)) * (1. - t_init) + t_init
+    ours = sample_time(sch, 4096, torch.Generator().manual_seed(5), torch.device("cpu"), t_min=0.0)
+    assert torch.equal(ours, official) and ours.min() < 1e-3  # below today's default t_min
+    default = sample_time(sch, 4096, torch.Generator().manual_seed(5), torch.device("cpu"))
+    assert default.min() >= 1e-3 and torch.equal(default, 1e-3 + (1 - 1e-3) * official)
+    d = draw_step(0, 0, 4096, 10, (1,), sch, 0.1, torch.device("cpu"), t_min=0.0)
+    assert d.t.min() < 1e-3
+
+
+def test_lr_warm_up_from_zero_is_the_official_lambdalr():
+    def customized_lr_scheduler(optimizer, warmup_steps=-1):  # official U-ViT / DPT utils.py
+        from torch.optim.lr_scheduler import LambdaLR
+
+        def fn(step):
+            if warmup_steps > 0:
+                return min(step / warmup_steps, 1)
+            else:
+                return 1
+        return LambdaLR(optimizer, fn)
+
+    opt = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=2e-4)
+    sched = customized_lr_scheduler(opt, warmup_steps=5)
+    used = []
+    for _ in range(9):  # the training loop: optimizer.step() with the current LR, then lr_scheduler.step()
+        used.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert [lr_at(s, 2e-4, 5, from_zero=True) for s in range(9)] == pytest.approx(used, rel=0, abs=1e-15)
+    assert used[0] == 0.0 and lr_at(0, 2e-4, 5) == pytest.approx(2e-4 / 5)  # the default starts one step later
+
+
+def test_official_ema_and_weight_decay_drive_the_training_loop(tmp_path):
+    """ema_warmup=False: the official `ema(nnet_ema, nnet, rate)` after every step from a copy of the initial
+    weights; weight_decay_on=all: one AdamW group decaying every parameter (official `get_optimizer`)."""
+    cfg = _digits_cfg("train.steps=4", "train.ema_decay=0.9", "train.ema_warmup=false", "train.weight_decay_on=all",
+                      "train.grad_clip=0", "train.warmup_from_zero=true", "train.t_min=0")
+    model = _model(cfg)
+    ema = {n: p.detach().clone() for n, p in model.named_parameters()}  # `train_state.ema_update(0)`
+    seen = []
+
+    def track(step):
+        seen.append({n: p.detach().clone() for n, p in model.named_parameters()})
+
+    x, y = _data()
+    res = train_diffusion(model, x, y, make_schedule(cfg.diffusion), cfg.train, num_classes=10, seed=0,
+                          ckpt_dir=tmp_path, fingerprint="fp", device=torch.device("cpu"), progress=False, on_step=track)
+    for params in seen:  # official utils.ema: p_dest.mul_(rate).add_((1 - rate) * p_src)
+        for n in ema:
+            ema[n].mul_(0.9).add_((1 - 0.9) * params[n])
+    for n, p in res.ema.named_parameters():
+        torch.testing.assert_close(p, ema[n], rtol=1e-6, atol=1e-7)
+    assert not torch.equal(seen[0]["pos_embed"], seen[-1]["pos_embed"])
+
+    (group,) = param_groups(model, 0.03, on="all")
+    assert group["weight_decay"] == 0.03 and len(group["params"]) == len(list(model.parameters()))
+
+
+def test_no_gradient_clipping_when_grad_clip_is_zero(tmp_path, monkeypatch):
+    def no_clip(*a, **k):
+        raise AssertionError("clip_grad_norm_ called with train.grad_clip=0")
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", no_clip)
+    res = _train(_digits_cfg("train.steps=2", "train.grad_clip=0"), tmp_path)
+    assert res.step == 2

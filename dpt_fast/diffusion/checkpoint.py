@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..utils import UserError, atomic_path, read_json, write_json
@@ -145,10 +145,11 @@ def load_checkpoint(
 
 
 def load_ema_weights(ckpt_dir: str | Path, step: int) -> dict[str, torch.Tensor]:
-    """Only the EMA weights of a checkpoint (for sampling), as a state dict."""
+    """Only the EMA weights of a checkpoint (for sampling), as a state dict; the model and optimizer tensors
+    beside them are not read."""
     st_path = checkpoint_paths(ckpt_dir, step)[0]
     try:
-        tensors = load_file(str(st_path))
+        with safe_open(str(st_path), framework="pt") as f:
+            return {k[4:]: f.get_tensor(k) for k in f.keys() if k.startswith("ema.")}
     except (SafetensorError, OSError) as e:
         raise UserError(f"{st_path}: cannot read ({e}); re-run stage 2 with --fresh") from None
-    return {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}

@@ -2,12 +2,14 @@
 
 Loss: epsilon prediction with plain MSE (U-ViT / DDPM "L_simple"):
 
-    t ~ U(1/N, 1) (continuous linear VP) or t = n/N, n ~ U{1..N} (discrete betas)
+    t ~ U(t_min, 1) (continuous linear VP) or t = n/N, n ~ U{1..N} (discrete betas)
     x_t = alpha_t x_0 + sigma_t eps,      loss = || model(x_t, model_time(t), y) - eps ||^2
 
 with the label replaced by the null class (index `num_classes`) with probability p_uncond, for classifier-free
-guidance. AdamW with linear warm-up then a constant LR, gradient clipping, an EMA of the weights, bf16
-autocast on CUDA, DDP under torchrun.
+guidance. AdamW with linear warm-up then a constant LR, optional gradient clipping, an EMA of the weights,
+bf16 autocast on CUDA, DDP under torchrun. The keys that switch to the official U-ViT/DPT conventions
+(t_min=0, warmup_from_zero, ema_warmup=False, weight_decay_on=all, grad_clip=0) are documented in
+docs/PAPER.md.
 
 Determinism: every random draw of step s (which images, t, eps, which labels are dropped) comes from
 generators seeded by (seed, s), and the batch of step s is a slice of a seeded per-epoch permutation of the
@@ -82,13 +84,16 @@ def batch_indices(step: int, batch_size: int, n: int, seed: int, perms: dict[int
     return out
 
 
-def sample_time(schedule, batch_size: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """Training times t in (0, 1], float32 [B]: n/N with n ~ U{1..N} for a discrete schedule (official
-    train_ldm_discrete), t ~ U(eps, 1) for the continuous one (eps = 1/N, where the sampler stops)."""
+def sample_time(schedule, batch_size: int, generator: torch.Generator, device: torch.device,
+                t_min: Optional[float] = None) -> torch.Tensor:
+    """Training times t in [t_min, 1], float32 [B]: n/N with n ~ U{1..N} for a discrete schedule (official
+    train_ldm_discrete), t ~ U(t_min, 1) for the continuous one (official U-ViT sde.py: t_min = 0; default
+    schedule.eps = 1/N)."""
     if schedule.schedule == "discrete":
         n = torch.randint(1, schedule.total_N + 1, (batch_size,), generator=generator, device=device)
         return n.float() / schedule.total_N
-    return schedule.eps + (1.0 - schedule.eps) * torch.rand(batch_size, generator=generator, device=device)
+    t_min = schedule.eps if t_min is None else float(t_min)
+    return t_min + (1.0 - t_min) * torch.rand(batch_size, generator=generator, device=device)
 
 
 @dataclass
@@ -105,24 +110,31 @@ class StepDraws:
 
 
 def draw_step(step: int, seed: int, batch_size: int, n: int, sample_shape: tuple[int, ...], schedule,
-              p_uncond: float, device: torch.device, perms: dict[int, torch.Tensor] | None = None) -> StepDraws:
-    """Everything random about step `step`, a pure function of (seed, step). `perms`: see `batch_indices`."""
+              p_uncond: float, device: torch.device, perms: dict[int, torch.Tensor] | None = None,
+              t_min: Optional[float] = None) -> StepDraws:
+    """Everything random about step `step`, a pure function of (seed, step). `perms`: see `batch_indices`;
+    `t_min`: see `sample_time`."""
     gen = torch.Generator(device=device).manual_seed(step_seed(seed, _STREAM_STEP, step))
-    t = sample_time(schedule, batch_size, gen, device)
+    t = sample_time(schedule, batch_size, gen, device, t_min)
     drop = torch.rand(batch_size, generator=gen, device=device) < p_uncond
     noise = torch.randn((batch_size, *sample_shape), generator=gen, device=device)
     return StepDraws(batch_indices(step, batch_size, n, seed, perms), t, drop, noise)
 
 
-def lr_at(step: int, lr: float, warmup_steps: int) -> float:
-    """Linear warm-up over `warmup_steps`, then constant (the U-ViT schedule). `step` counts from 0."""
-    return lr * min(1.0, (step + 1) / max(1, warmup_steps))
+def lr_at(step: int, lr: float, warmup_steps: int, from_zero: bool = False) -> float:
+    """Linear warm-up over `warmup_steps`, then constant. `step` counts from 0. from_zero: lr * min(1, step / W)
+    (official U-ViT/DPT `customized_lr_scheduler`, a LambdaLR: the first step has LR 0); else
+    lr * min(1, (step + 1) / W)."""
+    if warmup_steps <= 0:
+        return lr
+    return lr * min(1.0, (step + (0 if from_zero else 1)) / warmup_steps)
 
 
-def ema_decay_at(step: int, decay: float) -> float:
-    """EMA decay with warm-up: min(decay, (1 + n) / (10 + n)) after n updates, so that a short run's EMA is
-    not dominated by its random initialisation (the usual 0.9999 would average over 10k steps)."""
-    return min(decay, (1.0 + step) / (10.0 + step))
+def ema_decay_at(step: int, decay: float, warmup: bool = True) -> float:
+    """EMA decay of update `step` (from 0). With warm-up: min(decay, (1 + n) / (10 + n)), so that a short run's
+    EMA is not dominated by its random initialisation (the usual 0.9999 would average over 10k steps); without:
+    `decay` from the first update (official U-ViT/DPT `TrainState.ema_update(0.9999)`)."""
+    return min(decay, (1.0 + step) / (10.0 + step)) if warmup else decay
 
 
 @torch.no_grad()
@@ -135,9 +147,12 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
         eb.copy_(mb)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices and conv kernels only: not on biases, norms (1-D) nor on the names the model
-    lists in `no_weight_decay()` (the U-ViT's pos_embed)."""
+def param_groups(model: nn.Module, weight_decay: float, on: str = "matrices") -> list[dict]:
+    """on='matrices': weight decay on matrices and conv kernels only, not on biases, norms (1-D) nor on the
+    names the model lists in `no_weight_decay()` (the U-ViT's pos_embed). on='all': one group, every
+    parameter decays (the official U-ViT/DPT optimiser)."""
+    if on == "all":
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -149,7 +164,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def make_optimizer(model: nn.Module, tcfg, device: torch.device) -> torch.optim.AdamW:
     # The fused kernel is the fastest AdamW on CUDA and on CPU (torch >= 2.4).
-    return torch.optim.AdamW(param_groups(model, tcfg.weight_decay), lr=tcfg.lr, betas=tuple(tcfg.betas), fused=True)
+    return torch.optim.AdamW(param_groups(model, tcfg.weight_decay, tcfg.weight_decay_on), lr=tcfg.lr,
+                             betas=tuple(tcfg.betas), fused=True)
 
 
 def diffusion_loss(
@@ -325,12 +341,13 @@ def train_diffusion(
     perms: dict[int, torch.Tensor] = {}
     t0 = time.perf_counter()
     for step in range(start, tcfg.steps):
-        lr = lr_at(step, tcfg.lr, tcfg.warmup_steps)
+        lr = lr_at(step, tcfg.lr, tcfg.warmup_steps, tcfg.warmup_from_zero)
         for g in optimizer.param_groups:
             g["lr"] = lr
 
         # All draws of this step, for the global batch; this rank keeps its slice.
-        d = draw_step(step, seed, tcfg.batch_size, n, sample_shape, schedule, tcfg.p_uncond, device, perms).shard(lo, hi)
+        d = draw_step(step, seed, tcfg.batch_size, n, sample_shape, schedule, tcfg.p_uncond, device, perms,
+                      tcfg.t_min).shard(lo, hi)
         if isinstance(x, torch.Tensor):
             x0 = x[d.index.to(x.device)].to(device, non_blocking=True)
         else:
@@ -343,7 +360,7 @@ def train_diffusion(
         if tcfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
         optimizer.step()
-        update_ema(ema, model, ema_decay_at(step, tcfg.ema_decay))
+        update_ema(ema, model, ema_decay_at(step, tcfg.ema_decay, tcfg.ema_warmup))
 
         done = step + 1
         loss_sum += loss.detach()

@@ -1,7 +1,8 @@
 """DPM-Solver and DPM-Solver++ (Lu et al. 2022), orders 1-3, singlestep / multistep / singlestep_fixed.
 
 The public API is the reference implementation's (LuChengTHU/dpm-solver `dpm_solver_pytorch.py`), so its users
-switch by changing the import:
+switch by changing the import (`DPM_Solver` is an alias of `DPMSolver`; the network's time input defaults to the
+reference's, see `model_wrapper`):
 
     ns = NoiseScheduleVP('discrete', betas=betas)
     model_fn = model_wrapper(model, ns, model_type='noise', guidance_type='classifier-free',
@@ -30,11 +31,11 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..diffusion.schedule import NoiseScheduleVP, model_time
+from ..diffusion.schedule import NoiseScheduleVP, dpm_solver_model_time
 from ..ops.dpm_solver_update import dpm_solver_update, resolve_backend
 from ..utils import log
 
-__all__ = ["model_wrapper", "ModelFn", "DPMSolver"]
+__all__ = ["model_wrapper", "ModelFn", "DPMSolver", "DPM_Solver"]
 
 MODEL_TYPES = ("noise", "x_start", "v", "score")
 ALGORITHMS = ("dpmsolver", "dpmsolver++")
@@ -108,7 +109,7 @@ def model_wrapper(
     unconditional_condition: Optional[torch.Tensor] = None,
     guidance_scale: float = 1.0,
     *,
-    model_time_fn: Callable[[NoiseScheduleVP, torch.Tensor], torch.Tensor] = model_time,
+    model_time_fn: Callable[[NoiseScheduleVP, torch.Tensor], torch.Tensor] = dpm_solver_model_time,
 ) -> ModelFn:
     """Wrap a network into the noise-prediction function model_fn(x, t_continuous) DPM-Solver solves with.
 
@@ -124,9 +125,11 @@ def model_wrapper(
         guidance_scale: the reference's convention, eps = eps_u + scale (eps_c - eps_u). The U-ViT/DPT convention
             eps = eps_c + s (eps_c - eps_u) (DPT: s = 0.4) is the same with scale = 1 + s. Under CFG the network
             runs ONCE on 2B rows ([x; x], [cond; uncond]); the official U-ViT code makes two passes.
-        model_time_fn: the network's time input from continuous time t; default `model_time` (U-ViT: 999 t for the
-            linear schedule, N t for discrete). The reference's own convention ((t - 1/N) 1000) is
-            `dpt_fast.diffusion.schedule.dpm_solver_model_time`.
+        model_time_fn: the network's time input from continuous time t. Default: the reference's
+            `get_model_input_time` (`dpt_fast.diffusion.schedule.dpm_solver_model_time`: (t - 1/N) 1000 for a
+            discrete schedule, t for 'linear'), so code written against the reference runs unchanged. U-ViT
+            models (this package's and the official ones) take `dpt_fast.diffusion.schedule.model_time`
+            (999 t for 'linear', N t for discrete): pass `model_time_fn=model_time`.
     """
     if model_type not in MODEL_TYPES:
         raise ValueError(f"model_type={model_type!r}; use one of {', '.join(MODEL_TYPES)}")
@@ -567,3 +570,7 @@ class DPMSolver:
         static_x.copy_(x)
         graph.replay()
         return static_out.clone()
+
+
+# The reference's class name, for code written against `dpm_solver_pytorch.py`.
+DPM_Solver = DPMSolver

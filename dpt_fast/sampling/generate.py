@@ -1,7 +1,9 @@
 """Class-conditional generation at scale: K images per class, batched across classes, sharded and resumable.
 
 Item j of a run (j = 0 .. len(classes) * K - 1) is image `index = j // C` of class `classes[j % C]`
-(C = len(classes)), so every batch mixes classes. Its initial noise comes from a generator seeded by a hash of
+(C = len(classes)), so every batch mixes classes. With explicit `labels` (e.g. the 50,000 drawn labels of an
+FID run, `python -m dpt_fast.sample`) item j has class labels[j] and index = how often that class occurs
+before j. Its initial noise comes from a generator seeded by a hash of
 (seed, class, index): an image depends only on those and the sampler settings, not on the batch size, the
 shard layout, the rank that made it or whether the run was interrupted.
 
@@ -30,7 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..diffusion.schedule import NoiseScheduleVP
+from ..diffusion.schedule import NoiseScheduleVP, model_time
 from ..distributed import barrier, rank_world
 from ..ops.dpm_solver_update import resolve_backend
 from ..utils import UserError, load_npz, log, read_json, save_npz, write_json
@@ -139,6 +141,7 @@ def generate(
     denoise_to_zero: bool = False,
     model_id: str = "",
     on_mismatch: str = "regenerate",
+    labels: Optional[Sequence[int]] = None,
 ) -> dict:
     """Generate `k_per_class` images for each class of `classes` into sharded npz files under `out_dir`.
 
@@ -147,6 +150,8 @@ def generate(
             in eval mode, on `device`). Its time input is `model_time(schedule, t)`.
         schedule: the noise schedule it was trained with.
         classes: class ids to generate; k_per_class: images per class (K).
+        labels: instead of classes x K, the class of each item in order (classes and k_per_class are then
+            ignored).
         shape: the sampler's [C, H, W] (latent shape for latent models).
         null_class: the label of the unconditional model (U-ViT: num_classes - 1).
         cfg_scale: U-ViT/DPT convention s: eps = eps_c + s (eps_c - eps_u) (DPT: 0.4); 0 = no guidance. One
@@ -171,8 +176,12 @@ def generate(
          'cuda_graph', 'out_dir'}; images_per_second counts this call's images (or the last run's when all shards
          were already there).
     """
-    classes = [int(c) for c in classes]
-    if not classes or k_per_class < 1 or batch_size < 1 or shard_size < 1:
+    if labels is not None:
+        labels_all = np.asarray(labels, dtype=np.int64).reshape(-1)
+        classes, k_per_class = sorted(set(labels_all.tolist())), 0
+    else:
+        classes = [int(c) for c in classes]
+    if not classes or (labels is None and k_per_class < 1) or batch_size < 1 or shard_size < 1:
         raise UserError("generate: need at least one class and k_per_class, gen.batch_size, gen.shard_size >= 1")
     if on_mismatch not in ("regenerate", "error"):
         raise ValueError(f"on_mismatch={on_mismatch!r}; use 'regenerate' or 'error'")
@@ -185,12 +194,24 @@ def generate(
     backend = resolve_backend(backend, device)
     use_graph = cuda_graph and device.type == "cuda"
 
-    C, n = len(classes), len(classes) * k_per_class
-    labels_all = np.array([classes[j % C] for j in range(n)], dtype=np.int64)
-    index_all = np.arange(n, dtype=np.int64) // C
+    if labels is None:
+        C, n = len(classes), len(classes) * k_per_class
+        labels_all = np.array([classes[j % C] for j in range(n)], dtype=np.int64)
+        index_all = np.arange(n, dtype=np.int64) // C
+        items = {"classes": classes}
+    else:
+        n = len(labels_all)
+        index_all = np.zeros(n, dtype=np.int64)  # occurrence count of each item's class before it
+        seen: dict[int, int] = {}
+        for j, c in enumerate(labels_all.tolist()):
+            index_all[j] = seen.get(c, 0)
+            seen[c] = index_all[j] + 1
+        # Not a hash of the labels: every finished shard is checked against its items' labels anyway, so a
+        # longer prefix-consistent label list (a larger FID run) keeps the shards it shares with a shorter one.
+        items = {"labels": "explicit"}
     n_shards = -(-n // shard_size)
     identity = {
-        "classes": classes, "shape": [int(v) for v in shape], "null_class": int(null_class), "cfg_scale": float(cfg_scale),
+        **items, "shape": [int(v) for v in shape], "null_class": int(null_class), "cfg_scale": float(cfg_scale),
         "steps": steps, "order": order, "method": method, "algorithm": algorithm, "skip_type": skip_type,
         "t_end": float(t_end), "lower_order_final": lower_order_final, "denoise_to_zero": denoise_to_zero,
         "seed": int(seed), "shard_size": int(shard_size), "schedule": schedule.describe(), "model_id": model_id,
@@ -202,7 +223,7 @@ def generate(
         for p in out_dir.glob("shard-*.npz"):  # a smaller K leaves shards beyond the new count
             if int(p.stem.split("-")[1]) >= n_shards:
                 p.unlink()
-        write_json(out_dir / MANIFEST, {**previous, "format": FORMAT, "identity": identity, "k_per_class": k_per_class,
+        write_json(out_dir / MANIFEST, {**previous, "format": FORMAT, "identity": identity, "k_per_class": k_per_class or None,
                                         "num_images": n, "num_shards": n_shards, "complete": False})
     barrier()
     previous = read_json(out_dir / MANIFEST)
@@ -228,7 +249,8 @@ def generate(
             y = torch.full((b,), int(null_class), dtype=torch.int64, device=device)
             y_null = torch.full((b,), int(null_class), dtype=torch.int64, device=device)
             fn = model_wrapper(net, schedule, "noise", guidance_type="classifier-free", condition=y,
-                               unconditional_condition=y_null, guidance_scale=1.0 + float(cfg_scale))
+                               unconditional_condition=y_null, guidance_scale=1.0 + float(cfg_scale),
+                               model_time_fn=model_time)  # the U-ViT's time input (999 t / N t)
             samplers[b] = (y, DPMSolver(fn, schedule, algorithm, backend=backend, cuda_graph=use_graph))
         return samplers[b]
 

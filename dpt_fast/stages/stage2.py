@@ -11,6 +11,9 @@ images/s, training steps/s, timings) that the driver writes to stage2/metrics.js
 
 Re-running continues: training resumes from the newest checkpoint (or is skipped when it reached
 train.steps), generation keeps the finished shards made by the same weights and sampler settings.
+
+`sample_run` draws N more samples from a finished run's EMA weights, with labels drawn as the official
+scripts draw them, for FID-50K (`python -m dpt_fast.sample`).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
@@ -27,6 +31,7 @@ import torch.distributed as dist
 from ..config import Config
 from ..data import load_dataset, to_float
 from ..diffusion import make_schedule
+from ..diffusion.checkpoint import list_checkpoints, load_ema_weights, read_meta
 from ..diffusion.train import BatchSource, as_eps_model, train_diffusion
 from ..distributed import setup_distributed
 from ..models import build_uvit
@@ -160,7 +165,8 @@ def run(cfg: Config, rd: RunDir, progress: bool = True) -> dict:
                    null_class=num_classes, cfg_scale=s.cfg_scale, steps=s.steps, order=s.order, method=s.method,
                    algorithm=s.algorithm, skip_type=s.skip_type, batch_size=cfg.gen.batch_size,
                    shard_size=cfg.gen.shard_size, seed=cfg.seed, device=device, backend=s.backend,
-                   cuda_graph=s.cuda_graph, decode=data.decode, progress=progress, model_id=f"{fp}@{res.step}")
+                   cuda_graph=s.cuda_graph, decode=data.decode, progress=progress, model_id=f"{fp}@{res.step}",
+                   t_end=s.t_end or None)
 
     metrics = None
     if rank == 0:
@@ -213,3 +219,72 @@ def _evaluate(cfg: Config, rd: RunDir, data: _Data, device: torch.device) -> dic
 
 def _fmt(v, spec: str) -> str:
     return "n/a" if v is None else format(v, spec)
+
+
+# ----------------------------------------------------------------------------------------------
+# More samples from a finished run (FID-50K)
+# ----------------------------------------------------------------------------------------------
+LABEL_DRAWS = ("uniform", "pseudo")
+_LABEL_STREAM = 0x4C42  # keeps the label draw independent of every other use of the seed
+
+
+def draw_labels(mode: str, num: int, num_classes: int, seed: int, pseudo_labels: Optional[np.ndarray] = None) -> np.ndarray:
+    """The classes of `num` samples, drawn i.i.d.: int64 [num].
+
+    'uniform': uniform over the classes (the official ImageNet `sample_label` of U-ViT / DPT datasets.py,
+    torch.randint(0, 1000)). 'pseudo': in proportion to the class counts of `pseudo_labels` (the official DPT
+    CIFAR-10 `sample_label`, torch.multinomial over the counts of the labels stage 2 trained on). A pure function
+    of (mode, seed, class weights) whose first n labels are the same for every num >= n, so a larger run keeps
+    a smaller one's samples.
+    """
+    if mode == "uniform":
+        weights = np.ones(num_classes)
+    elif mode == "pseudo":
+        weights = np.bincount(np.asarray(pseudo_labels, dtype=np.int64), minlength=num_classes).astype(np.float64)
+    else:
+        raise UserError(f"labels {mode!r}: use one of {', '.join(LABEL_DRAWS)}")
+    cdf = np.cumsum(weights) / weights.sum()
+    u = np.random.default_rng([seed, _LABEL_STREAM]).random(num)
+    return np.minimum(np.searchsorted(cdf, u, side="right"), num_classes - 1).astype(np.int64)
+
+
+def sample_run(cfg: Config, rd: RunDir, num: int, labels: str, out_dir: str | Path, *, seed: Optional[int] = None,
+               progress: bool = True) -> dict:
+    """`num` samples of the finished stage-2 run in `rd` (EMA weights at train.steps) into `out_dir`.
+
+    The format is stage2/generated's (`dpt_fast.sampling.load_generated`); the sampler is `cfg.sample`, the
+    batch and shard sizes `cfg.gen`. Labels: `draw_labels(labels, ...)` with `seed` (default cfg.seed), which
+    also seeds each image's noise. Resumable and sharded across torchrun ranks like stage 2's generation.
+    Returns `generate`'s summary plus the label draw.
+    """
+    if num < 1:
+        raise UserError(f"--num {num}: ask for at least one sample")
+    seed = cfg.seed if seed is None else int(seed)
+    _, _, device = setup_distributed(resolve_device(cfg.device))
+    if cfg.train.steps not in list_checkpoints(rd.checkpoints):
+        raise UserError(f"{rd.checkpoints} holds no checkpoint of step train.steps={cfg.train.steps}: run "
+                        f"`python -m dpt_fast.stage --stage 2 --run-dir {rd.root}` to finish stage 2 first")
+    data = _load_data(cfg, device, progress)
+    data.x = None  # only the classes, the shape and the decoder are needed
+    pseudo = load_npz(rd.require(rd.pseudo_labels, 1), keys=("label",))["label"] if labels == "pseudo" else None
+    y = draw_labels(labels, num, data.num_classes, seed, pseudo)
+
+    model = build_uvit(cfg.model, data.num_classes + 1)
+    try:
+        model.load_state_dict(load_ema_weights(rd.checkpoints, cfg.train.steps))
+    except RuntimeError as e:
+        raise UserError(f"{rd.checkpoints}: the EMA weights do not fit model.* of {rd.config} "
+                        f"({str(e).strip().splitlines()[0]}); sample with the run's own model settings") from None
+    model.to(device).eval()
+    meta = read_meta(rd.checkpoints, cfg.train.steps)
+    schedule = make_schedule(cfg.diffusion)
+    s = cfg.sample
+    gen = generate(as_eps_model(model, schedule, cfg.diffusion.prediction), schedule, [], 0, data.shape, out_dir,
+                   labels=y, null_class=data.num_classes, cfg_scale=s.cfg_scale, steps=s.steps, order=s.order,
+                   method=s.method, algorithm=s.algorithm, skip_type=s.skip_type, batch_size=cfg.gen.batch_size,
+                   shard_size=cfg.gen.shard_size, seed=seed, device=device, backend=s.backend,
+                   cuda_graph=s.cuda_graph, decode=data.decode, progress=progress,
+                   model_id=f"{meta.get('fingerprint')}@{cfg.train.steps}", t_end=s.t_end or None)
+    counts = np.bincount(y, minlength=data.num_classes)
+    return {**gen, "labels": labels, "seed": seed, "classes_drawn": int((counts > 0).sum()),
+            "max_per_class": int(counts.max()), "run_dir": str(rd.root), "step": cfg.train.steps}
