@@ -39,9 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="split seeds")
     p.add_argument("--config", default="mnist5k")
     p.add_argument("--out", default="runs/probe")
+    p.add_argument("--encoder", default="", help="learner.init=simclr: start from this stage1/encoder.safetensors "
+                   "(made with the same config) instead of training SimCLR in each run")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("overrides", nargs="*")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     setup_logging(args.quiet)
     gen = Path(args.generated).resolve()
     for s in args.seeds:
@@ -51,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         rd = RunDir(Path(args.out) / args.name / f"s{s}")
         shutil.rmtree(rd.root, ignore_errors=True)
         rd.root.mkdir(parents=True)
+        if args.encoder:
+            rd.stage(1).mkdir()
+            shutil.copy(args.encoder, rd.stage(1) / "encoder.safetensors")
         m1 = stage1.run(cfg, rd, progress=not args.quiet)
         write_json(rd.metrics(1), m1)
         rd.stage(2).mkdir(parents=True, exist_ok=True)
@@ -61,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
                "pseudo_label_accuracy": m1["pseudo_label_accuracy"], "stage1_top1": m1["test_top1"],
                "stage3_top1": m3["top1"], "generated_stage1_agreement": m3["generated_stage1_agreement"],
                "stage1_cpu_seconds": m1["cpu_seconds"], "stage3_cpu_seconds": m3["cpu_seconds"],
-               "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M")}
+               "train_seconds": [m1["train"].get("train_seconds"), m3["train"].get("train_seconds")],
+               "encoder_given": bool(args.encoder), "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M")}
         with open(Path(args.out) / "results.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row))

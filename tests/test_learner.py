@@ -116,6 +116,10 @@ def test_stage1_fingerprint_of_a_learner_reads_the_learner_keys_only():
     assert fingerprint(load_config("digits", ["stage1.method=freematch", "stage1.umap_epochs=7"]), 1) == fingerprint(base, 1)
     assert fingerprint(load_config("digits", ["stage1.method=freematch", "learner.lr=0.1"]), 1) != fingerprint(base, 1)
     assert fingerprint(load_config("digits", ["stage1.method=fixmatch"]), 1) != fingerprint(base, 1)
+    # starting from SimCLR, the SimCLR keys count too
+    sim = ["stage1.method=freematch", "learner.init=simclr"]
+    assert fingerprint(load_config("digits", [*sim, "stage1.ssl_epochs=5"]), 1) != fingerprint(load_config("digits", sim), 1)
+    assert fingerprint(load_config("digits", [*sim, "stage1.umap_dim=3"]), 1) == fingerprint(load_config("digits", sim), 1)
     # the other methods keep the whole stage1 section and ignore the learner section
     other = load_config("digits")
     assert fingerprint(load_config("digits", ["learner.lr=0.1"]), 1) == fingerprint(other, 1)
@@ -151,3 +155,18 @@ def test_cifar10_preset_runs_the_paper_protocol_on_a_tiny_cifar_fixture(tmp_path
     assert m[3]["generated"] == 20 and m[3]["stage1_top1"] == pytest.approx(m[1]["test_top1"])
     _, meta, norm = load_learner(run / "stage3" / "learner.safetensors")
     assert meta["in_chans"] == 3 and norm.mean == (125.3, 123.0, 113.9)  # TorchSSL's CIFAR-10 normalisation
+
+
+def test_simclr_init_starts_the_cnn_from_stage1s_simclr_encoder_in_both_stages(tmp_path):
+    run = tmp_path / "run"
+    over = ["stage1.method=freematch", "learner.init=simclr", "learner.lr=1e-9", "learner.iterations=2"]
+    assert _cli("--stage", "all", "--config", "digits", "--run-dir", str(run), *over) == 0
+    enc = load_file(str(run / "stage1" / "encoder.safetensors"))
+    for stage in (1, 3):
+        learned = load_file(str(run / f"stage{stage}" / "learner.safetensors"))
+        convs = [k for k in learned if k.startswith("backbone.") and k.endswith(".weight") and learned[k].ndim == 4]
+        assert convs and all(torch.allclose(learned[k], enc[k], atol=1e-6) for k in convs)  # lr ~ 0: still the encoder
+    _, meta, norm = load_learner(run / "stage1" / "learner.safetensors")
+    assert norm.mean == (127.5,) and norm.std == (127.5,)  # the encoder's [-1, 1] input
+    assert _cli("--stage", "1", "--config", "digits", "--run-dir", str(tmp_path / "bad"), "stage1.method=freematch",
+                "learner.init=simclr", "learner.width=16") == 2  # the encoder's width is stage1.width

@@ -113,12 +113,14 @@ def train_learner(
     progress: bool = True,
     desc: str = "learner",
     on_iter: Callable[[int], None] | None = None,
+    init: dict[str, torch.Tensor] | None = None,
 ) -> tuple[nn.Module, dict]:
     """Train for `lcfg.iterations` in total, resuming from the newest checkpoint in `ckpt_dir`.
 
     Returns (the EMA model in eval mode on `device`, a summary: iterations, seconds, last losses and mask rate).
     `fingerprint` names everything the weights depend on but the iteration count; a checkpoint with another one
     is refused (UserError). `on_iter(k)` is called after iteration k (tests use it to simulate a kill).
+    `init`: a state dict for the network's `backbone` (SmallCNN) to start from, e.g. a SimCLR encoder's.
     """
     if method not in METHODS:
         raise ValueError(f"unknown learner method {method!r}")
@@ -133,6 +135,8 @@ def train_learner(
 
     torch.manual_seed(seed)
     model = build_net(lcfg.net, in_chans, num_classes, lcfg.width, lcfg.bn_momentum).to(device)
+    if init is not None:
+        model.backbone.load_state_dict(init)
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.SGD(param_groups(model, lcfg.weight_decay), lr=lcfg.lr, momentum=lcfg.momentum,
                                 nesterov=lcfg.momentum > 0)

@@ -29,6 +29,8 @@ def fingerprint(cfg: Config, stage: int) -> str:
     d = cfg.to_dict()
     sub = {"seed": d["seed"], **{s: d[s] for s in SECTIONS[stage]}}
     sub["stage1"] = {"method": cfg.stage1.method}
+    if cfg.learner.init == "simclr":  # the SimCLR encoder it starts from
+        sub["stage1"].update({k: v for k, v in d["stage1"].items() if k.startswith("ssl_") or k in ("width", "feature_dim")})
     sub["learner"] = d["learner"]
     return hashlib.sha256(json.dumps(sub, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -6,6 +6,10 @@ its EMA model labels every training image. Stage 3 trains the same learner again
 K generated images per class added to the labelled set (each with the class it was generated for; DPT's
 `--aug_path`), and reports its top-1 on the test split next to the stage-1 model's.
 
+With learner.init=simclr the small CNN starts from a SimCLR encoder trained first on the training images without
+labels (`stage1.train_simclr`, the stage1.ssl_* keys: stage1/encoder.safetensors); stage 3 starts from the same
+encoder, so stage 1 and stage 3 differ only by the generated images.
+
 Outputs beside the run-directory contract (README):
     stage1/learner.safetensors   the stage-1 EMA model (metadata: network, normalisation, fingerprint)
     stage1/checkpoints/          while training: step-<k>.safetensors + .json (model, EMA, optimizer, thresholds)
@@ -41,8 +45,37 @@ def learner_fingerprint(cfg: Config, labelled: np.ndarray, y_lab: np.ndarray, ex
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _simclr_start(cfg: Config, rd: RunDir, ds: ArrayDataset | None, progress: bool, device
+                  ) -> tuple[dict[str, torch.Tensor] | None, str]:
+    """learner.init=simclr: (the SimCLR encoder's backbone weights, its fingerprint); trained in stage 1 (or
+    reused), read by stage 3. (None, "") otherwise."""
+    if cfg.learner.init != "simclr":
+        return None, ""
+    from ..models.classifier import load_encoder
+    from .stage1 import ssl_fingerprint, train_simclr
+
+    fp = f"simclr:{ssl_fingerprint(cfg)}:noise={cfg.stage1.ssl_noise}"
+    if ds is not None:
+        encoder = train_simclr(ds.x_train, cfg, rd.stage(1), progress=progress, device=device)
+    else:
+        encoder, meta = load_encoder(rd.require(rd.stage(1) / "encoder.safetensors", 1))
+        if meta.get("fingerprint") != ssl_fingerprint(cfg):
+            raise UserError(f"{rd.stage(1) / 'encoder.safetensors'} was trained with other stage1.ssl_* keys: run "
+                            f"`python -m dpt_fast.stage --stage 1 --run-dir {rd.root}` first")
+    state = {k[len("backbone."):]: v.detach().cpu() for k, v in encoder.state_dict().items() if k.startswith("backbone.")}
+    return state, fp
+
+
+def _norm(cfg: Config, images: np.ndarray) -> Norm:
+    """The network's input normalisation: a SimCLR encoder's [-1, 1] when it starts from one, else per data set."""
+    if cfg.learner.init == "simclr":
+        c = images.shape[1]
+        return Norm((127.5,) * c, (127.5,) * c)
+    return Norm.of(cfg.data.name, images)
+
+
 def _train(cfg: Config, out: Path, data: LearnerData, num_classes: int, norm: Norm, fp: str, device,
-           progress: bool, desc: str) -> tuple[torch.nn.Module, dict]:
+           progress: bool, desc: str, init: dict[str, torch.Tensor] | None = None) -> tuple[torch.nn.Module, dict]:
     """The finished learner in `out` when its fingerprint matches, else train (resuming) and save it."""
     final = out / "learner.safetensors"
     if final.is_file() and read_learner_meta(final).get("fingerprint") == fp:
@@ -51,7 +84,7 @@ def _train(cfg: Config, out: Path, data: LearnerData, num_classes: int, norm: No
         return model, meta.get("train", {})
     model, summary = train_learner(data, cfg.learner, cfg.stage1.method, num_classes=num_classes, norm=norm,
                                    seed=cfg.seed, ckpt_dir=out / "checkpoints", fingerprint=fp, device=device,
-                                   progress=progress, desc=desc)
+                                   progress=progress, desc=desc, init=init)
     meta = net_meta(cfg.learner, int(data.x_unl.shape[1]), num_classes, norm)
     save_learner(final, model, {**meta, "fingerprint": fp, "method": cfg.stage1.method, "train": summary})
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
@@ -68,11 +101,13 @@ def run_stage1(cfg: Config, rd: RunDir, ds: ArrayDataset, labelled: np.ndarray, 
     out = rd.stage(1)
     device = resolve_device(cfg.device)
     y = ds.y_train
-    norm = Norm.of(cfg.data.name, ds.x_train)
+    norm = _norm(cfg, ds.x_train)
+    init, init_fp = _simclr_start(cfg, rd, ds, progress, device)
     x_train = torch.from_numpy(ds.x_train)
     data = LearnerData(x_train[torch.from_numpy(labelled)], torch.from_numpy(y[labelled]), x_train)
-    fp = learner_fingerprint(cfg, labelled, y[labelled])
-    model, summary = _train(cfg, out, data, ds.num_classes, norm, fp, device, progress, f"stage 1 {cfg.stage1.method}")
+    fp = learner_fingerprint(cfg, labelled, y[labelled], extra=init_fp)
+    model, summary = _train(cfg, out, data, ds.num_classes, norm, fp, device, progress, f"stage 1 {cfg.stage1.method}",
+                            init)
 
     bs = cfg.learner.eval_batch_size
     probs = predict(model, ds.x_train, norm, bs, device)
@@ -124,10 +159,12 @@ def run_stage3(cfg: Config, rd: RunDir, progress: bool = True) -> dict:
     data = LearnerData(torch.cat([x_train[torch.from_numpy(labelled)], torch.from_numpy(gen_x)]),
                        torch.from_numpy(y_lab), x_train)
     gen_id = hashlib.sha256(np.ascontiguousarray(gen_x).tobytes() + gen_y.astype(np.int64).tobytes()).hexdigest()[:16]
-    fp = learner_fingerprint(cfg, labelled, ds.y_train[labelled], extra=f"generated:{gen_id}")
+    init, init_fp = _simclr_start(cfg, rd, None, progress, device)
+    fp = learner_fingerprint(cfg, labelled, ds.y_train[labelled], extra=f"{init_fp}generated:{gen_id}")
     out = rd.stage(3)
     out.mkdir(parents=True, exist_ok=True)
-    model3, summary = _train(cfg, out, data, num_classes, norm, fp, device, progress, f"stage 3 {cfg.stage1.method}")
+    model3, summary = _train(cfg, out, data, num_classes, norm, fp, device, progress, f"stage 3 {cfg.stage1.method}",
+                             init)
 
     bs = cfg.learner.eval_batch_size
     hit3 = predict(model3, ds.x_test, norm, bs, device).argmax(1) == ds.y_test
