@@ -83,9 +83,11 @@ class LearnerConfig:
 
     net: str = "wrn28_2"  # wrn28_2 (TorchSSL's WRN-28-2, the paper's) | cnn (small CNN for the embedded data)
     width: int = 16  # cnn only: base width (widths w, 2w, 4w)
-    # "" = random (TorchSSL's) | simclr: the cnn's conv layers start from a SimCLR encoder trained first on the
-    # training images without labels (the stage1.ssl_* keys; stage1.width must equal learner.width); stage 3
-    # starts from the same encoder
+    # "" = random (TorchSSL's) | simclr | simclr_umap: the cnn's conv layers start from a SimCLR encoder trained
+    # first on the training images without labels (the stage1.ssl_* keys; stage1.width must equal learner.width),
+    # its linear head from a logistic regression (C: stage1.logreg_c) on the labelled set's features (simclr) or
+    # on the labels stage1.method=simclr_umap's classifier gives the training images (simclr_umap); in stage 3
+    # the labelled set includes the generated images
     init: str = ""
     iterations: int = 1048576  # training iterations (2^20); stage 3 trains as many again
     batch_size: int = 64  # labelled images per iteration
@@ -244,7 +246,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.on_bad_image": ("skip", "error"),
     "stage1.method": ("simclr_umap", "pca_logreg", "features", "freematch", "fixmatch"),
     "learner.net": ("wrn28_2", "cnn"),
-    "learner.init": ("", "simclr"),
+    "learner.init": ("", "simclr", "simclr_umap"),
     "model.conditioning": ("token", "adaln"),
     "model.pos_embed_init": ("", "trunc_normal", "sincos"),
     "diffusion.schedule": ("linear", "discrete"),
@@ -539,8 +541,8 @@ def validate(cfg: Config) -> None:
         ("stage1.backbone_crop", 0.0 < cfg.stage1.backbone_crop <= 1.0, "must be in (0, 1]"),
         ("stage1.backbone_batch_size", cfg.stage1.backbone_batch_size >= 1, "must be >= 1"),
         ("learner.width", cfg.learner.width >= 1, "must be >= 1"),
-        ("learner.init", cfg.learner.init != "simclr" or (cfg.learner.net == "cnn" and cfg.learner.width == cfg.stage1.width),
-         "=simclr needs learner.net=cnn and learner.width equal to stage1.width (the SimCLR encoder's width)"),
+        ("learner.init", not cfg.learner.init or (cfg.learner.net == "cnn" and cfg.learner.width == cfg.stage1.width),
+         f"={cfg.learner.init} needs learner.net=cnn and learner.width equal to stage1.width (the SimCLR encoder's)"),
         ("learner.iterations", cfg.learner.iterations >= 1, "must be >= 1"),
         ("learner.batch_size", cfg.learner.batch_size >= 1, "must be >= 1"),
         ("learner.uratio", cfg.learner.uratio >= 1, "must be >= 1"),

@@ -116,10 +116,13 @@ def test_stage1_fingerprint_of_a_learner_reads_the_learner_keys_only():
     assert fingerprint(load_config("digits", ["stage1.method=freematch", "stage1.umap_epochs=7"]), 1) == fingerprint(base, 1)
     assert fingerprint(load_config("digits", ["stage1.method=freematch", "learner.lr=0.1"]), 1) != fingerprint(base, 1)
     assert fingerprint(load_config("digits", ["stage1.method=fixmatch"]), 1) != fingerprint(base, 1)
-    # starting from SimCLR, the SimCLR keys count too
-    sim = ["stage1.method=freematch", "learner.init=simclr"]
-    assert fingerprint(load_config("digits", [*sim, "stage1.ssl_epochs=5"]), 1) != fingerprint(load_config("digits", sim), 1)
-    assert fingerprint(load_config("digits", [*sim, "stage1.umap_dim=3"]), 1) == fingerprint(load_config("digits", sim), 1)
+    # starting from SimCLR, the SimCLR keys count too, and the UMAP keys when the head comes from SimCLR-UMAP
+    for init, umap_counts in (("simclr", False), ("simclr_umap", True)):
+        sim = ["stage1.method=freematch", f"learner.init={init}"]
+        fp = fingerprint(load_config("digits", sim), 1)
+        assert fingerprint(load_config("digits", [*sim, "stage1.ssl_epochs=5"]), 1) != fp
+        assert (fingerprint(load_config("digits", [*sim, "stage1.umap_dim=3"]), 1) != fp) == umap_counts
+        assert fingerprint(load_config("digits", [*sim, "stage1.pca_dim=3"]), 1) == fp
     # the other methods keep the whole stage1 section and ignore the learner section
     other = load_config("digits")
     assert fingerprint(load_config("digits", ["learner.lr=0.1"]), 1) == fingerprint(other, 1)
@@ -157,6 +160,7 @@ def test_cifar10_preset_runs_the_paper_protocol_on_a_tiny_cifar_fixture(tmp_path
     assert meta["in_chans"] == 3 and norm.mean == (125.3, 123.0, 113.9)  # TorchSSL's CIFAR-10 normalisation
 
 
+@pytest.mark.slow
 def test_simclr_init_starts_the_cnn_from_stage1s_simclr_encoder_in_both_stages(tmp_path):
     run = tmp_path / "run"
     over = ["stage1.method=freematch", "learner.init=simclr", "learner.lr=1e-9", "learner.iterations=2"]
@@ -170,3 +174,21 @@ def test_simclr_init_starts_the_cnn_from_stage1s_simclr_encoder_in_both_stages(t
     assert norm.mean == (127.5,) and norm.std == (127.5,)  # the encoder's [-1, 1] input
     assert _cli("--stage", "1", "--config", "digits", "--run-dir", str(tmp_path / "bad"), "stage1.method=freematch",
                 "learner.init=simclr", "learner.width=16") == 2  # the encoder's width is stage1.width
+
+
+@pytest.mark.slow
+def test_simclr_umap_init_starts_the_head_at_the_simclr_umap_classifier(tmp_path):
+    from dpt_fast.models.classifier import fit_logreg, load_space
+
+    run = tmp_path / "run"
+    over = ["stage1.method=freematch", "learner.init=simclr_umap", "learner.lr=1e-9", "learner.iterations=2"]
+    assert _cli("--stage", "all", "--config", "digits", "--run-dir", str(run), *over) == 0
+    space = load_space(run / "stage1")
+    lab = np.asarray(json.loads((run / "split.json").read_text())["labelled"])
+    ds = load_dataset(load_config("digits").data)
+    teacher = fit_logreg(space.train_coords[lab], ds.y_train[lab], 1.0, 10).predict(space.train_coords)
+    z = load_npz(run / "stage1" / "pseudo_labels.npz")
+    unl = np.setdiff1d(np.arange(len(ds.y_train)), lab)
+    assert (z["label"][unl] == teacher[unl]).mean() > 0.8  # lr ~ 0: the learner still gives the teacher's labels
+    m3 = json.loads((run / "stage3" / "metrics.json").read_text())
+    assert m3["method"] == "freematch" and m3["generated"] == 40

@@ -120,7 +120,7 @@ def _affine(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 def _affine_matrix(name: str, v: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """The PIL affine data (a, b, c, d, e, f) of a geometric op as [B, 2, 3] (input = m @ output)."""
     b = v.shape[0]
-    m = torch.zeros(b, 2, 3)
+    m = torch.zeros(b, 2, 3, device=v.device)
     m[:, 0, 0] = m[:, 1, 1] = 1.0
     if name == "ShearX":
         m[:, 0, 1] = v

@@ -59,6 +59,8 @@ class LearnerData:
     x_lab: torch.Tensor
     y_lab: torch.Tensor  # int64 [L]
     x_unl: torch.Tensor  # every training image (TorchSSL's include_lb_to_ulb)
+    labelled: np.ndarray | None = None  # indices of the real labelled images among x_unl (they lead x_lab)
+    num_classes: int = 0
 
 
 @dataclass
@@ -120,7 +122,7 @@ def train_learner(
     Returns (the EMA model in eval mode on `device`, a summary: iterations, seconds, last losses and mask rate).
     `fingerprint` names everything the weights depend on but the iteration count; a checkpoint with another one
     is refused (UserError). `on_iter(k)` is called after iteration k (tests use it to simulate a kill).
-    `init`: a state dict for the network's `backbone` (SmallCNN) to start from, e.g. a SimCLR encoder's.
+    `init`: a state dict to start from (missing entries keep their random start), e.g. a SimCLR encoder's.
     """
     if method not in METHODS:
         raise ValueError(f"unknown learner method {method!r}")
@@ -136,7 +138,7 @@ def train_learner(
     torch.manual_seed(seed)
     model = build_net(lcfg.net, in_chans, num_classes, lcfg.width, lcfg.bn_momentum).to(device)
     if init is not None:
-        model.backbone.load_state_dict(init)
+        model.load_state_dict(init, strict=False)
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.SGD(param_groups(model, lcfg.weight_decay), lr=lcfg.lr, momentum=lcfg.momentum,
                                 nesterov=lcfg.momentum > 0)
@@ -158,7 +160,8 @@ def train_learner(
 
     b, mu = lcfg.batch_size, lcfg.uratio
     n_lab, n_unl = len(data.x_lab), len(data.x_unl)
-    y_lab = data.y_lab.to(device)
+    # The images live on the device and the views are made there (every random draw still comes from `gen`).
+    x_lab, x_unl, y_lab = data.x_lab.to(device), data.x_unl.to(device), data.y_lab.to(device)
     window = {"loss": 0.0, "sup": 0.0, "unsup": 0.0, "mask": 0.0, "n": 0}
     summary: dict = {}
 
@@ -175,16 +178,16 @@ def train_learner(
         for g in optimizer.param_groups:
             g["lr"] = lr
         gen = torch.Generator().manual_seed(step_seed(seed, _STREAM, it))
-        li = torch.randint(n_lab, (b,), generator=gen)
-        ui = torch.randint(n_unl, (mu * b,), generator=gen)
-        xl = weak_view(data.x_lab[li].float(), gen, lcfg.flip, pad)
-        xu = data.x_unl[ui].float()
+        li = torch.randint(n_lab, (b,), generator=gen).to(device)
+        ui = torch.randint(n_unl, (mu * b,), generator=gen).to(device)
+        xl = weak_view(x_lab[li].float(), gen, lcfg.flip, pad)
+        xu = x_unl[ui].float()
         xw = weak_view(xu, gen, lcfg.flip, pad)
         xs = strong_view(xu, gen, lcfg.flip, pad, lcfg.randaug_ops)
-        logits = model(norm(torch.cat([xl, xw, xs]).to(device)))
+        logits = model(norm(torch.cat([xl, xw, xs])))
         logits_l = logits[:b]
         logits_w, logits_s = logits[b:].chunk(2)
-        sup = supervised_loss(logits_l, y_lab[li.to(device)])
+        sup = supervised_loss(logits_l, y_lab[li])
         probs_w = logits_w.detach().softmax(dim=-1)
         if method == "freematch":
             state = update_thresholds(state, probs_w, lcfg.threshold_momentum)

@@ -29,8 +29,11 @@ def fingerprint(cfg: Config, stage: int) -> str:
     d = cfg.to_dict()
     sub = {"seed": d["seed"], **{s: d[s] for s in SECTIONS[stage]}}
     sub["stage1"] = {"method": cfg.stage1.method}
-    if cfg.learner.init == "simclr":  # the SimCLR encoder it starts from
-        sub["stage1"].update({k: v for k, v in d["stage1"].items() if k.startswith("ssl_") or k in ("width", "feature_dim")})
+    if cfg.learner.init:  # it starts from stage 1's SimCLR encoder (and SimCLR-UMAP classifier)
+        keys = [k for k in d["stage1"] if k.startswith("ssl_") or k in ("width", "feature_dim", "logreg_c")]
+        if cfg.learner.init == "simclr_umap":
+            keys += [k for k in d["stage1"] if k.startswith("umap_") or k == "knn_transform"]
+        sub["stage1"].update({k: d["stage1"][k] for k in keys})
     sub["learner"] = d["learner"]
     return hashlib.sha256(json.dumps(sub, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -6,9 +6,11 @@ its EMA model labels every training image. Stage 3 trains the same learner again
 K generated images per class added to the labelled set (each with the class it was generated for; DPT's
 `--aug_path`), and reports its top-1 on the test split next to the stage-1 model's.
 
-With learner.init=simclr the small CNN starts from a SimCLR encoder trained first on the training images without
-labels (`stage1.train_simclr`, the stage1.ssl_* keys: stage1/encoder.safetensors); stage 3 starts from the same
-encoder, so stage 1 and stage 3 differ only by the generated images.
+With learner.init=simclr | simclr_umap the small CNN starts from a SimCLR encoder trained first on the training
+images without labels (`stage1.train_simclr`, the stage1.ssl_* keys: stage1/encoder.safetensors, re-used by stage
+3) and a linear head fitted to the labelled set (simclr) or to the SimCLR-UMAP classifier's labels (simclr_umap,
+stage1/space.*); see `_start`. Stage 3 starts the same way with the generated images in the labelled set, so the
+two stages differ only by the generated images.
 
 Outputs beside the run-directory contract (README):
     stage1/learner.safetensors   the stage-1 EMA model (metadata: network, normalisation, fingerprint)
@@ -29,6 +31,7 @@ import torch
 
 from ..config import Config
 from ..data import ArrayDataset, load_dataset, load_split
+from ..models.wrn import build_net
 from ..ssl.train import LearnerData, Norm, load_learner, net_meta, predict, read_learner_meta, save_learner, train_learner
 from ..utils import UserError, log, read_json, resolve_device, save_npz
 from .rundir import RunDir
@@ -45,30 +48,63 @@ def learner_fingerprint(cfg: Config, labelled: np.ndarray, y_lab: np.ndarray, ex
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _simclr_start(cfg: Config, rd: RunDir, ds: ArrayDataset | None, progress: bool, device
-                  ) -> tuple[dict[str, torch.Tensor] | None, str]:
-    """learner.init=simclr: (the SimCLR encoder's backbone weights, its fingerprint); trained in stage 1 (or
-    reused), read by stage 3. (None, "") otherwise."""
-    if cfg.learner.init != "simclr":
-        return None, ""
-    from ..models.classifier import load_encoder
-    from .stage1 import ssl_fingerprint, train_simclr
+def _start(cfg: Config, rd: RunDir, ds: ArrayDataset, data: LearnerData, extra: np.ndarray | None, norm: Norm,
+           progress: bool, device) -> tuple[dict[str, torch.Tensor] | None, str]:
+    """The network's starting weights for learner.init and what they depend on: (state dict, fingerprint part).
 
-    fp = f"simclr:{ssl_fingerprint(cfg)}:noise={cfg.stage1.ssl_noise}"
-    if ds is not None:
-        encoder = train_simclr(ds.x_train, cfg, rd.stage(1), progress=progress, device=device)
+    simclr: the conv layers of the SimCLR encoder (trained by stage 1 without labels, re-used by stage 3) and a
+      linear head fitted (logistic regression, C = stage 1's) to the labelled set's features.
+    simclr_umap: the same conv layers and a head fitted to the labels the SimCLR-UMAP classifier (stage 1's
+      simclr_umap method fitted on the labelled set) gives every training image.
+    In stage 3 the labelled set holds the generated images too (`extra`: those images, uint8, after the real
+    labelled ones in `data.x_lab`); the encoder and the UMAP coordinates are stage 1's, saved in stage1/.
+    """
+    init = cfg.learner.init
+    if not init:
+        return None, ""
+    from ..models.classifier import fit_logreg
+    from .stage1 import _simclr_umap_space, logreg_c, ssl_fingerprint, train_simclr, umap_fingerprint
+
+    out = rd.stage(1)
+    c = logreg_c(cfg)
+    if init == "simclr_umap":  # trained (or re-used) in stage 1, re-used in stage 3
+        space = _simclr_umap_space(cfg, ds, out, progress, device)
+        if extra is None:
+            space.save(out)
+        encoder = space.encoder
+        coords = space.train_coords[data.labelled]
+        if extra is not None:
+            coords = np.concatenate([coords, space.embed(extra)])
+        targets = fit_logreg(coords, data.y_lab.numpy(), c, int(data.num_classes)).predict(space.train_coords)
+        fp = f"simclr_umap:{umap_fingerprint(cfg)}:knn={cfg.stage1.knn_transform}:c={c}"
     else:
-        encoder, meta = load_encoder(rd.require(rd.stage(1) / "encoder.safetensors", 1))
-        if meta.get("fingerprint") != ssl_fingerprint(cfg):
-            raise UserError(f"{rd.stage(1) / 'encoder.safetensors'} was trained with other stage1.ssl_* keys: run "
-                            f"`python -m dpt_fast.stage --stage 1 --run-dir {rd.root}` first")
-    state = {k[len("backbone."):]: v.detach().cpu() for k, v in encoder.state_dict().items() if k.startswith("backbone.")}
+        encoder = train_simclr(ds.x_train, cfg, out, progress=progress, device=device)
+        targets = None
+        fp = f"simclr:{ssl_fingerprint(cfg)}:c={c}"
+    fp += f":noise={cfg.stage1.ssl_noise}"
+    state = {k: v.detach().cpu() for k, v in encoder.state_dict().items() if k.startswith("backbone.")}
+    net = build_net("cnn", int(data.x_unl.shape[1]), data.num_classes, cfg.learner.width)
+    net.load_state_dict(state, strict=False)
+    if targets is None:  # linear probe on the labelled set
+        head = fit_logreg(backbone_features(net, data.x_lab, norm), data.y_lab.numpy(), c, data.num_classes)
+    else:  # distil the SimCLR-UMAP classifier's labels of the training images
+        head = fit_logreg(backbone_features(net, data.x_unl, norm), targets, 1.0, data.num_classes)
+    state["fc.weight"] = torch.from_numpy(head.coef).float()
+    state["fc.bias"] = torch.from_numpy(head.intercept).float()
     return state, fp
+
+
+@torch.no_grad()
+def backbone_features(net: torch.nn.Module, images: torch.Tensor, norm: Norm, batch_size: int = 512) -> np.ndarray:
+    """The pooled conv features float64 [N, 4w] that the SmallCNN's linear head sees (eval mode)."""
+    net.eval()
+    return torch.cat([net.backbone(norm(images[i:i + batch_size].float()))
+                      for i in range(0, len(images), batch_size)]).double().numpy()
 
 
 def _norm(cfg: Config, images: np.ndarray) -> Norm:
     """The network's input normalisation: a SimCLR encoder's [-1, 1] when it starts from one, else per data set."""
-    if cfg.learner.init == "simclr":
+    if cfg.learner.init:
         c = images.shape[1]
         return Norm((127.5,) * c, (127.5,) * c)
     return Norm.of(cfg.data.name, images)
@@ -102,9 +138,10 @@ def run_stage1(cfg: Config, rd: RunDir, ds: ArrayDataset, labelled: np.ndarray, 
     device = resolve_device(cfg.device)
     y = ds.y_train
     norm = _norm(cfg, ds.x_train)
-    init, init_fp = _simclr_start(cfg, rd, ds, progress, device)
     x_train = torch.from_numpy(ds.x_train)
-    data = LearnerData(x_train[torch.from_numpy(labelled)], torch.from_numpy(y[labelled]), x_train)
+    data = LearnerData(x_train[torch.from_numpy(labelled)], torch.from_numpy(y[labelled]), x_train,
+                       labelled, ds.num_classes)
+    init, init_fp = _start(cfg, rd, ds, data, None, norm, progress, device)
     fp = learner_fingerprint(cfg, labelled, y[labelled], extra=init_fp)
     model, summary = _train(cfg, out, data, ds.num_classes, norm, fp, device, progress, f"stage 1 {cfg.stage1.method}",
                             init)
@@ -157,9 +194,9 @@ def run_stage3(cfg: Config, rd: RunDir, progress: bool = True) -> dict:
     y_lab = np.concatenate([ds.y_train[labelled], gen_y]).astype(np.int64)
     x_train = torch.from_numpy(ds.x_train)
     data = LearnerData(torch.cat([x_train[torch.from_numpy(labelled)], torch.from_numpy(gen_x)]),
-                       torch.from_numpy(y_lab), x_train)
+                       torch.from_numpy(y_lab), x_train, labelled, num_classes)
     gen_id = hashlib.sha256(np.ascontiguousarray(gen_x).tobytes() + gen_y.astype(np.int64).tobytes()).hexdigest()[:16]
-    init, init_fp = _simclr_start(cfg, rd, None, progress, device)
+    init, init_fp = _start(cfg, rd, ds, data, gen_x, norm, progress, device)
     fp = learner_fingerprint(cfg, labelled, ds.y_train[labelled], extra=f"{init_fp}generated:{gen_id}")
     out = rd.stage(3)
     out.mkdir(parents=True, exist_ok=True)
