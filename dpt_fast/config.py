@@ -268,6 +268,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     # eps-prediction with CFG scale 0.4 (the dataclass defaults) learn the class conditioning only after far
     # more steps than a CPU run has.
     "mnist5k": {
+        # Stage 1 (docs/LEARNER.md): FreeMatch fine-tuning of the SimCLR encoder, its head started at the
+        # SimCLR-UMAP classifier; short-run values for the EMA (0.9), BatchNorm statistics (momentum 0.1) and
+        # FreeMatch's threshold EMA (0.99): TorchSSL's 0.999s are sized for 2^20 iterations, not 150.
+        "stage1": {"method": "freematch"},
+        "learner": {"net": "cnn", "width": 24, "init": "simclr_umap", "iterations": 150, "batch_size": 32,
+                    "ema": 0.9, "bn_momentum": 0.1, "threshold_momentum": 0.99, "flip": False, "crop_pad": 2,
+                    "ckpt_every": 50},
         "diffusion": {"prediction": "v"},
         "train": {"steps": 2000, "batch_size": 64, "lr": 1e-3, "betas": [0.9, 0.99], "warmup_steps": 100},
         "sample": {"cfg_scale": 3.0},

@@ -192,3 +192,34 @@ def test_simclr_umap_init_starts_the_head_at_the_simclr_umap_classifier(tmp_path
     assert (z["label"][unl] == teacher[unl]).mean() > 0.8  # lr ~ 0: the learner still gives the teacher's labels
     m3 = json.loads((run / "stage3" / "metrics.json").read_text())
     assert m3["method"] == "freematch" and m3["generated"] == 40
+
+
+def test_mnist5k_preset_trains_freematch_from_the_simclr_umap_classifier():
+    cfg = load_config("mnist5k")
+    assert (cfg.stage1.method, cfg.learner.net, cfg.learner.init) == ("freematch", "cnn", "simclr_umap")
+    assert cfg.learner.width == cfg.stage1.width  # the SimCLR encoder's conv layers fit the learner's
+    assert load_config("digits").stage1.method == "simclr_umap"  # the other learners stay one key away
+
+
+@pytest.mark.slow
+def test_learner_probe_script_appends_one_result_line_per_split_seed(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from dpt_fast.utils import save_npz, write_json
+
+    ds = load_dataset(load_config("digits").data)
+    gen = tmp_path / "generated"
+    idx = np.concatenate([np.flatnonzero(ds.y_train == c)[:3] for c in range(10)])
+    save_npz(gen / "shard-00000.npz", images=ds.x_train[idx], labels=ds.y_train[idx], index=np.arange(30))
+    write_json(gen / "manifest.json", {"num_images": 30, "num_shards": 1, "complete": True})
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "scripts" / "learner_probe.py"), "smoke", "--config", "digits",
+                        "--generated", str(gen), "--seeds", "0", "1", "--out", str(tmp_path / "probe"), "--quiet",
+                        "stage1.method=fixmatch", "num_threads=1"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "probe" / "results.jsonl").read_text().splitlines()]
+    assert [row["split_seed"] for row in rows] == [0, 1]
+    for row in rows:
+        assert 0 <= row["stage1_top1"] <= 1 and 0 <= row["stage3_top1"] <= 1 and row["stage1_cpu_seconds"] > 0
