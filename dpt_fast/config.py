@@ -52,7 +52,9 @@ class SplitConfig:
 
 @dataclass
 class Stage1Config:
-    # simclr_umap | pca_logreg | features (a frozen backbone: MSN or timm, + the paper's logistic regression)
+    # simclr_umap | pca_logreg | features (a frozen backbone: MSN or timm, + the paper's logistic regression,
+    # the paper's ImageNet recipe) | freematch | fixmatch (a classifier trained end to end, the paper's CIFAR-10
+    # recipe: the `learner` section)
     method: str = "simclr_umap"
     ssl_epochs: int = 20  # SimCLR epochs over the training images
     ssl_batch_size: int = 256
@@ -81,6 +83,39 @@ class Stage1Config:
     # accelerate --mixed_precision fp16)
     backbone_precision: str = "auto"
     backbone_batch_size: int = 128  # features only: images per backbone forward pass
+
+
+@dataclass
+class LearnerConfig:
+    """stage1.method=freematch | fixmatch and their stage-3 retraining. Defaults: TorchSSL's CIFAR-10 run (DPT's
+    cifar10_experiment/TorchSSL config), except fairness_weight (FreeMatch's paper; DPT's config has 0)."""
+
+    net: str = "wrn28_2"  # wrn28_2 (TorchSSL's WRN-28-2, the paper's) | cnn (small CNN for the embedded data)
+    width: int = 16  # cnn only: base width (widths w, 2w, 4w)
+    # "" = random (TorchSSL's) | simclr | simclr_umap: the cnn's conv layers start from a SimCLR encoder trained
+    # first on the training images without labels (the stage1.ssl_* keys; stage1.width must equal learner.width),
+    # its linear head from a logistic regression (C: stage1.logreg_c) on the labelled set's features (simclr) or
+    # on the labels stage1.method=simclr_umap's classifier gives the training images (simclr_umap); in stage 3
+    # the labelled set includes the generated images
+    init: str = ""
+    iterations: int = 1048576  # training iterations (2^20); stage 3 trains as many again
+    batch_size: int = 64  # labelled images per iteration
+    uratio: int = 7  # unlabelled images per labelled one (mu): 7 x 64 weak + 7 x 64 strong views
+    lr: float = 0.03  # SGD with Nesterov momentum, lr * cos(pi * cosine_cycles * k / iterations) at iteration k
+    momentum: float = 0.9
+    weight_decay: float = 5e-4  # not on biases and BatchNorm
+    cosine_cycles: float = 0.4375  # 7/16
+    ema: float = 0.999  # EMA of the weights; the EMA model gives the pseudo-labels and the top-1
+    bn_momentum: float = 0.001  # BatchNorm running-statistics momentum (torch convention; TorchSSL's 0.001)
+    threshold_momentum: float = 0.999  # FreeMatch: EMA momentum of time_p, p_model and label_hist
+    p_cutoff: float = 0.95  # FixMatch: the fixed confidence threshold
+    unsup_weight: float = 1.0  # lambda_u
+    fairness_weight: float = 0.01  # FreeMatch: lambda_f of the self-adaptive fairness term (0 = off)
+    randaug_ops: int = 3  # strong view: RandAugment ops per image (then Cutout)
+    flip: bool = True  # weak and strong views: random horizontal flip (off for digits)
+    crop_pad: int = 4  # weak and strong views: random crop after reflect-padding this many pixels
+    ckpt_every: int = 5000  # iterations between resumable checkpoints
+    eval_batch_size: int = 1024  # images per forward pass when predicting
 
 
 @dataclass
@@ -201,6 +236,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -231,8 +267,10 @@ RUNTIME_KEYS = ("device", "num_threads")
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.name": ("mnist5k", "digits", "imagefolder", "cifar10", "mnist_idx", "latents"),
     "data.on_bad_image": ("skip", "error"),
-    "stage1.method": ("simclr_umap", "pca_logreg", "features"),
+    "stage1.method": ("simclr_umap", "pca_logreg", "features", "freematch", "fixmatch"),
     "stage1.backbone_precision": ("auto", "fp32", "tf32", "bf16", "fp16"),
+    "learner.net": ("wrn28_2", "cnn"),
+    "learner.init": ("", "simclr", "simclr_umap"),
     "model.conditioning": ("token", "adaln"),
     "model.pos_embed_init": ("", "trunc_normal", "sincos"),
     "diffusion.schedule": ("linear", "discrete"),
@@ -255,6 +293,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     # eps-prediction with CFG scale 0.4 (the dataclass defaults) learn the class conditioning only after far
     # more steps than a CPU run has.
     "mnist5k": {
+        # Stage 1 (docs/LEARNER.md): FreeMatch fine-tuning of the SimCLR encoder, its head started at the
+        # SimCLR-UMAP classifier; short-run values for the EMA (0.9), BatchNorm statistics (momentum 0.1) and
+        # FreeMatch's threshold EMA (0.99): TorchSSL's 0.999s are sized for 2^20 iterations, not 150.
+        "stage1": {"method": "freematch"},
+        "learner": {"net": "cnn", "width": 24, "init": "simclr_umap", "iterations": 150, "batch_size": 32,
+                    "ema": 0.9, "bn_momentum": 0.1, "threshold_momentum": 0.99, "flip": False, "crop_pad": 2,
+                    "ckpt_every": 50},
         "diffusion": {"prediction": "v"},
         "train": {"steps": 2000, "batch_size": 64, "lr": 1e-3, "betas": [0.9, 0.99], "warmup_steps": 100},
         # First-order DPM-Solver++ (= DDIM): the second-order multistep update extrapolates the difference of
@@ -266,12 +311,38 @@ PRESETS: dict[str, dict[str, Any]] = {
     # clipping, K and sampler), for other data at a scale you set (docs/REAL_DATA.md): data.*, model.preset,
     # train.steps / batch_size. Not the paper's recipe: that is the imagenet256_uvit_* presets below.
     "base": {"name": "base"},
+    # The paper's CIFAR-10 protocol (DPT's cifar10_experiment, docs/PAPER.md): FreeMatch on WRN-28-2 with 4
+    # labels per class, TorchSSL's iterations (2^20) and optimiser (the learner defaults) and DPT's config
+    # (no fairness term: its FreeMatch has ent_loss_ratio 0); stage 3 retrains it with 1001 generated images per
+    # class (DPT's `generate.sh 1000`: indices 0..1000). The paper's CIFAR-10 generator was EDM; stage 2 here is
+    # U-ViT's official CIFAR-10 config (configs/cifar10_uvit_small.py: U-ViT-S/2, 500k steps of 128, AdamW 2e-4,
+    # betas (0.99, 0.999), weight decay 0.03 on every parameter, warm-up 2,500 steps from 0; train.py: EMA
+    # 0.9999 from the first step, no clipping, continuous VP with t ~ U(0, 1)), made class-conditional, and
+    # DPT's U-ViT sampler (DPM-Solver-fast, order 3, 50 NFE, CFG 0.4).
+    "cifar10": {
+        "name": "cifar10",
+        "data": {"name": "cifar10"},
+        "split": {"labels_per_class": 4},
+        "stage1": {"method": "freematch"},
+        "learner": {"fairness_weight": 0.0},
+        "model": {"preset": "uvit_s2_pixel32"},
+        "diffusion": {"schedule": "linear", "beta_0": 0.1, "beta_1": 20.0, "prediction": "eps"},
+        "train": {"steps": 500000, "batch_size": 128, "lr": 2e-4, "weight_decay": 0.03, "weight_decay_on": "all",
+                  "betas": [0.99, 0.999], "warmup_steps": 2500, "warmup_from_zero": True, "ema_decay": 0.9999,
+                  "ema_warmup": False, "grad_clip": 0.0, "t_min": 0.0, "ckpt_every": 10000, "log_every": 100},
+        "sample": {"steps": 50, "order": 3, "method": "singlestep", "algorithm": "dpmsolver", "skip_type": "logSNR",
+                   "t_end": 1e-4, "cfg_scale": 0.4},
+        "gen": {"k_per_class": 1001},
+    },
     # scikit-learn digits (8x8): seconds per stage, for tests.
     "digits": {
         "name": "digits",
         "data": {"name": "digits"},
         "stage1": {"ssl_epochs": 3, "ssl_batch_size": 128, "width": 8, "feature_dim": 32, "umap_neighbors": 10,
                    "umap_epochs": 50},
+        "learner": {"net": "cnn", "width": 8, "iterations": 60, "batch_size": 16, "uratio": 2, "lr": 0.03,
+                    "ema": 0.9, "bn_momentum": 0.1, "threshold_momentum": 0.9, "flip": False, "crop_pad": 1,
+                    "ckpt_every": 10},
         "model": {"preset": "uvit_digits"},
         "train": {"steps": 30, "batch_size": 64, "ckpt_every": 10, "warmup_steps": 5, "log_every": 10},
         "sample": {"steps": 5},
@@ -532,6 +603,25 @@ def validate(cfg: Config) -> None:
         ("eval.num_real", cfg.eval.num_real >= 0, "must be >= 0 (0 = the whole test split)"),
         ("eval.cas_steps", cfg.eval.cas_steps >= 0, "must be >= 0 (0 = skip the classification accuracy score)"),
         ("eval.num_gen_per_class", cfg.eval.num_gen_per_class >= 0, "must be >= 0 (0 = all generated images)"),
+        ("learner.width", cfg.learner.width >= 1, "must be >= 1"),
+        ("learner.init", not cfg.learner.init or (cfg.learner.net == "cnn" and cfg.learner.width == cfg.stage1.width),
+         f"={cfg.learner.init} needs learner.net=cnn and learner.width equal to stage1.width (the SimCLR encoder's)"),
+        ("learner.iterations", cfg.learner.iterations >= 1, "must be >= 1"),
+        ("learner.batch_size", cfg.learner.batch_size >= 1, "must be >= 1"),
+        ("learner.uratio", cfg.learner.uratio >= 1, "must be >= 1"),
+        ("learner.lr", cfg.learner.lr > 0, "must be > 0"),
+        ("learner.momentum", 0.0 <= cfg.learner.momentum < 1.0, "must be in [0, 1)"),
+        ("learner.weight_decay", cfg.learner.weight_decay >= 0, "must be >= 0"),
+        ("learner.cosine_cycles", 0.0 <= cfg.learner.cosine_cycles <= 0.5, "must be in [0, 0.5] (the lr stays >= 0)"),
+        ("learner.ema", 0.0 <= cfg.learner.ema < 1.0, "must be in [0, 1)"),
+        ("learner.bn_momentum", 0.0 < cfg.learner.bn_momentum <= 1.0, "must be in (0, 1]"),
+        ("learner.threshold_momentum", 0.0 <= cfg.learner.threshold_momentum < 1.0, "must be in [0, 1)"),
+        ("learner.p_cutoff", 0.0 < cfg.learner.p_cutoff <= 1.0, "must be in (0, 1]"),
+        ("learner.unsup_weight", cfg.learner.unsup_weight >= 0, "must be >= 0"),
+        ("learner.randaug_ops", cfg.learner.randaug_ops >= 0, "must be >= 0"),
+        ("learner.crop_pad", cfg.learner.crop_pad >= 0, "must be >= 0"),
+        ("learner.ckpt_every", cfg.learner.ckpt_every >= 1, "must be >= 1"),
+        ("learner.eval_batch_size", cfg.learner.eval_batch_size >= 1, "must be >= 1"),
         ("stage3.logreg_c", cfg.stage3.logreg_c >= 0, "must be >= 0 (0 = stage 1's)"),
         ("stage3.generated_weight", cfg.stage3.generated_weight >= 0, "must be >= 0"),
         ("stage3.min_confidence", 0.0 <= cfg.stage3.min_confidence < 1.0, "must be in [0, 1)"),

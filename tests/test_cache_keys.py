@@ -20,7 +20,7 @@ from dataclasses import fields, is_dataclass
 import pytest
 import torch
 
-from dpt_fast.config import CHOICES, Config, load_config
+from dpt_fast.config import CHOICES, Config, LearnerConfig, load_config
 from dpt_fast.diffusion import make_schedule
 from dpt_fast.sampling import generate
 from dpt_fast.stages import fingerprint
@@ -33,6 +33,8 @@ S3 = {"stage3"}
 SSL = {"simclr", "umap"}  # the UMAP coordinates are made from the encoder's features
 WEIGHTS = {"train", "generation"}  # the generated images are made by the weights
 GEN = {"generation"}
+
+LEARNER_KEYS = [f.name for f in fields(LearnerConfig)]
 
 # key -> the caches it invalidates. Add every new config key here.
 AFFECTS: dict[str, set[str]] = {
@@ -101,6 +103,15 @@ AFFECTS: dict[str, set[str]] = {
     "stage3.logreg_c": S3,
     "stage3.generated_weight": S3,
     "stage3.min_confidence": S3,
+    **{f"learner.{k}": set() for k in LEARNER_KEYS},  # read by the learner methods only (LEARNER_AFFECTS)
+}
+
+# Under stage1.method=freematch learner.init=simclr_umap (the embedded default's route) the learner reads the
+# `learner` section and, to start from, the SimCLR and UMAP keys, not the other stage1 keys; the rest as above.
+LEARNER_AFFECTS: dict[str, set[str]] = {
+    **{f"learner.{k}": S1 for k in LEARNER_KEYS},
+    "stage1.pca_dim": set(),
+    **{f"stage1.backbone{k}": set() for k in ("", "_weights", "_image_size", "_crop", "_batch_size", "_precision")},
 }
 
 
@@ -178,11 +189,17 @@ def test_every_config_key_is_classified():
     assert not sorted(set(AFFECTS) - keys), f"AFFECTS in {__file__} lists keys that no longer exist"
 
 
+LEARNER_ROUTE = ("stage1.method=freematch", "learner.net=cnn", "learner.init=simclr_umap")
+
+
+@pytest.mark.parametrize("route", ["simclr_umap", "freematch"])
 @pytest.mark.parametrize("key, typ", list(_keys()), ids=lambda v: v if isinstance(v, str) else "")
-def test_flipping_a_key_invalidates_exactly_the_caches_that_read_it(key, typ, tmp_path):
+def test_flipping_a_key_invalidates_exactly_the_caches_that_read_it(key, typ, route, tmp_path):
     if key not in AFFECTS:
         pytest.fail(f"config key {key!r} is not classified: add it to AFFECTS in {__file__}")
-    base, cfg = load_config("digits"), load_config("digits")
+    overrides = LEARNER_ROUTE if route == "freematch" else ()
+    expected = {**AFFECTS, **LEARNER_AFFECTS}[key] if route == "freematch" else AFFECTS[key]
+    base, cfg = load_config("digits", overrides), load_config("digits", overrides)
     for c in (base, cfg):
         for k, v in BASE.items():
             _set(c, k, v)
@@ -193,5 +210,4 @@ def test_flipping_a_key_invalidates_exactly_the_caches_that_read_it(key, typ, tm
     _set(cfg, key, _flipped(key, typ, getattr(section, last)))
     before, after = _caches(base, tmp_path), _caches(cfg, tmp_path)
     changed = {name for name in before if before[name] != after[name]}
-    assert changed == AFFECTS[key], (f"flipping {key} invalidates {sorted(changed)}, the table says "
-                                     f"{sorted(AFFECTS[key])}")
+    assert changed == expected, f"flipping {key} invalidates {sorted(changed)}, the table says {sorted(expected)}"

@@ -10,6 +10,7 @@ import torch
 
 from ..config import END_OF_CONFIG, Config, dump_yaml, load_config
 from ..distributed import rank_world, report_failure, run_on_rank0, setup_distributed
+from ..ssl import METHODS as LEARNER_METHODS
 from ..utils import UserError, log, read_json, remove_stale_temp_files, resolve_device, write_json, write_text
 from .rundir import RunDir
 
@@ -24,7 +25,20 @@ SECTIONS: dict[int, tuple[str, ...]] = {
 
 
 def fingerprint(cfg: Config, stage: int) -> str:
-    return cfg.fingerprint(*SECTIONS[stage])
+    """A hash of the config sections stage `stage`'s outputs depend on. The end-to-end learners
+    (stage1.method=freematch | fixmatch) read stage1.method and the `learner` section, not the other stage1 keys."""
+    if cfg.stage1.method not in LEARNER_METHODS:
+        return cfg.fingerprint(*SECTIONS[stage])
+    d = cfg.to_dict()
+    sub = {"seed": d["seed"], **{s: d[s] for s in SECTIONS[stage]}}
+    sub["stage1"] = {"method": cfg.stage1.method}
+    if cfg.learner.init:  # it starts from stage 1's SimCLR encoder (and SimCLR-UMAP classifier)
+        keys = [k for k in d["stage1"] if k.startswith("ssl_") or k in ("width", "feature_dim", "logreg_c")]
+        if cfg.learner.init == "simclr_umap":
+            keys += [k for k in d["stage1"] if k.startswith("umap_") or k == "knn_transform"]
+        sub["stage1"].update({k: d["stage1"][k] for k in keys})
+    sub["learner"] = d["learner"]
+    return hashlib.sha256(json.dumps(sub, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _stage_fn(n: int):

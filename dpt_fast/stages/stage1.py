@@ -7,6 +7,8 @@ logistic regression fitted on the labelled images only. Methods (`stage1.method`
   reduced by UMAP (fitted on the training images); unseen images (test, generated) are placed in the UMAP space
   by a kNN in SimCLR feature space (see `models.classifier.SimclrUmapSpace`).
 - pca_logreg: PCA of the pixels + logistic regression (the simple baseline).
+- freematch, fixmatch (the paper's CIFAR-10 recipe): a classifier trained end to end by TorchSSL's FreeMatch or
+  FixMatch; its EMA model labels the training images (`dpt_fast.stages.learner`, the `learner` config section).
 - features (real data, the paper's recipe): frozen backbone features (MSN's ViT via `stage1.backbone=msn`, or a
   timm model; rows centred, L2-normalised) + the paper's logistic regression (`models.logreg`: no intercept,
   lambda = 0.0025 / N, cyanure's solution, fitted and applied on the GPU when there is one). The images are streamed in batches
@@ -53,6 +55,7 @@ from ..distributed import run_on_rank0, setup_distributed
 from ..models.classifier import PAPER_LOGREG_C, BackboneSpace, PcaSpace, SimclrUmapSpace, load_encoder, save_encoder
 from ..models.logreg import fit_head
 from ..models.encoder import ConvEncoder, augment, encode, nt_xent
+from ..ssl import METHODS as LEARNER_METHODS
 from ..utils import (UserError, load_safetensors, log, read_json, resolve_device, safetensors_metadata, save_npz,
                      save_safetensors)
 from .rundir import RunDir
@@ -329,6 +332,10 @@ def _run(cfg: Config, rd: RunDir, progress: bool, t0: float, c0: float, real: Re
                fraction=cfg.split.fraction, seed=cfg.split.seed, data=cfg.data.name)
     log.info("stage 1: %s on %s (%d threads), %d training images, %d labelled", s1.method, device,
              torch.get_num_threads(), len(y), len(labelled))
+    if s1.method in LEARNER_METHODS:
+        from .learner import run_stage1
+
+        return run_stage1(cfg, rd, real.arrays, labelled, progress)
 
     if s1.method == "features":
         space, x_train, x_test = features

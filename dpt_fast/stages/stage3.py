@@ -31,6 +31,7 @@ from ..data.stream import ShardSource, cached_features, open_features
 from ..distributed import rank_world, run_on_rank0
 from ..models.classifier import LinearHead, load_space
 from ..models.logreg import fit_head
+from ..ssl import METHODS as LEARNER_METHODS
 from ..utils import UserError, load_npz, log, read_json, resolve_device
 from .rundir import RunDir
 
@@ -101,6 +102,10 @@ def _in_memory_inputs(cfg: Config, rd: RunDir, space, labelled: np.ndarray, prog
 
 def run(cfg: Config, rd: RunDir, progress: bool = True) -> dict:
     """Fit the stage-3 classifier, save stage3/head.safetensors, return the metrics."""
+    if cfg.stage1.method in LEARNER_METHODS:  # the learner is trained again, with the generated images
+        from .learner import run_stage3
+
+        return run_stage3(cfg, rd, progress)
     t0, c0 = time.time(), time.process_time()
     if rank_world()[1] > 1:
         space = load_space(rd.stage(1), resolve_device(cfg.device))
