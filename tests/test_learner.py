@@ -223,3 +223,24 @@ def test_learner_probe_script_appends_one_result_line_per_split_seed(tmp_path):
     assert [row["split_seed"] for row in rows] == [0, 1]
     for row in rows:
         assert 0 <= row["stage1_top1"] <= 1 and 0 <= row["stage3_top1"] <= 1 and row["stage1_cpu_seconds"] > 0
+
+
+def test_a_damaged_learner_file_is_a_one_line_error_naming_it(tmp_path):
+    from dpt_fast.ssl.train import net_meta, save_learner
+
+    lcfg = load_config("digits").learner
+    data, norm = _digits_data()
+    model = train_learner(data, lcfg, "fixmatch", num_classes=10, norm=norm, seed=0, ckpt_dir=tmp_path / "ck",
+                          fingerprint="a", progress=False)[0]
+    path = tmp_path / "learner.safetensors"
+    save_learner(path, model, net_meta(lcfg, 1, 10, norm))
+    assert load_learner(path)[0] is not None
+    nan = {k: v.clone() for k, v in model.state_dict().items()}
+    next(v for v in nan.values() if v.is_floating_point()).fill_(float("nan"))
+    model.load_state_dict(nan)
+    save_learner(path, model, net_meta(lcfg, 1, 10, norm))
+    with pytest.raises(UserError, match="NaN or inf.*re-run the stage"):
+        load_learner(path)
+    path.write_bytes(b"\x00\xff" * 100)
+    with pytest.raises(UserError, match="learner.safetensors"):
+        load_learner(path)

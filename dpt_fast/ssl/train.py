@@ -32,15 +32,14 @@ from typing import Callable
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..diffusion.checkpoint import latest_checkpoint, load_checkpoint, read_meta, save_checkpoint
 from ..diffusion.train import param_groups, step_seed, update_ema
 from ..models.wrn import build_net
-from ..utils import UserError, atomic_path, log
+from ..utils import REBUILD, UserError, atomic_path, load_safetensors, log, safetensors_metadata
 from . import METHODS
 from .augment import strong_view, weak_view
 from .losses import (ThresholdState, consistency_loss, fairness_loss, fixmatch_mask, freematch_mask, supervised_loss,
@@ -252,17 +251,26 @@ def save_learner(path: str | Path, model: nn.Module, meta: dict) -> None:
                   metadata={"meta": json.dumps(meta, sort_keys=True)})
 
 
-def read_learner_meta(path: str | Path) -> dict:
-    with safe_open(str(path), "pt") as f:
-        return json.loads((f.metadata() or {}).get("meta", "{}"))
+def read_learner_meta(path: str | Path, fix: str = REBUILD) -> dict:
+    try:
+        return json.loads(safetensors_metadata(path, fix).get("meta", "{}"))
+    except ValueError:
+        raise UserError(f"{path}: its metadata is not JSON; {fix}") from None
 
 
-def load_learner(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict, Norm]:
-    """(model in eval mode, its metadata, its input normalisation) of a `save_learner` file."""
+def load_learner(path: str | Path, device: torch.device | str = "cpu",
+                 fix: str = REBUILD) -> tuple[nn.Module, dict, Norm]:
+    """(model in eval mode, its metadata, its input normalisation) of a `save_learner` file; damaged bytes,
+    other tensors or NaN/inf weights are one-line errors naming the file and `fix`."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path} is missing: run `python -m dpt_fast.stage --stage 1` first")
-    meta = read_learner_meta(path)
-    model = _build(meta)
-    model.load_state_dict(load_file(str(path)))
-    return model.to(device).eval(), meta, Norm(tuple(meta["mean"]), tuple(meta["std"]))
+    meta = read_learner_meta(path, fix)
+    try:
+        model = _build(meta)
+        norm = Norm(tuple(meta["mean"]), tuple(meta["std"]))
+        model.load_state_dict(load_safetensors(path, fix, finite=True))
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f"{path}: not a learner of this version ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                        f"{fix}") from None
+    return model.to(device).eval(), meta, norm

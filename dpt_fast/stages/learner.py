@@ -114,10 +114,14 @@ def _train(cfg: Config, out: Path, data: LearnerData, num_classes: int, norm: No
            progress: bool, desc: str, init: dict[str, torch.Tensor] | None = None) -> tuple[torch.nn.Module, dict]:
     """The finished learner in `out` when its fingerprint matches, else train (resuming) and save it."""
     final = out / "learner.safetensors"
-    if final.is_file() and read_learner_meta(final).get("fingerprint") == fp:
-        log.info("%s: reusing the trained learner %s", desc, final)
-        model, meta, _ = load_learner(final, device)
-        return model, meta.get("train", {})
+    if final.is_file():
+        try:
+            if read_learner_meta(final).get("fingerprint") == fp:
+                model, meta, _ = load_learner(final, device)
+                log.info("%s: reusing the trained learner %s", desc, final)
+                return model, meta.get("train", {})
+        except UserError as e:  # a damaged finished learner is trained again (its checkpoints resume it)
+            log.warning("%s: %s; training it again", desc, e)
     model, summary = train_learner(data, cfg.learner, cfg.stage1.method, num_classes=num_classes, norm=norm,
                                    seed=cfg.seed, ckpt_dir=out / "checkpoints", fingerprint=fp, device=device,
                                    progress=progress, desc=desc, init=init)
@@ -178,8 +182,8 @@ def run_stage3(cfg: Config, rd: RunDir, progress: bool = True) -> dict:
     from ..sampling import load_generated
 
     t0, c0 = time.time(), time.process_time()
-    m1 = read_json(rd.require(rd.metrics(1), 1))
-    model1, meta1, norm = load_learner(rd.require(rd.stage(1) / "learner.safetensors", 1))
+    m1 = read_json(rd.require(rd.metrics(1), 1), rd.rerun(1))
+    model1, meta1, norm = load_learner(rd.require(rd.stage(1) / "learner.safetensors", 1), fix=rd.rerun(1))
     gen_x, gen_y = load_generated(rd.require(rd.generated, 2))
     ds = load_dataset(cfg.data, progress=progress)
     if gen_x.shape[1:] != ds.x_train.shape[1:]:
