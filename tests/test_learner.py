@@ -71,7 +71,7 @@ def test_a_killed_run_resumes_to_bit_identical_final_weights(method, tmp_path):
     class Killed(Exception):
         pass
 
-    def kill_at_6(k):
+    def kill_at_6(k, ema):
         if k == 6:
             raise Killed  # after iteration 6: the checkpoint of iteration 4 is the newest
 
@@ -244,3 +244,24 @@ def test_a_damaged_learner_file_is_a_one_line_error_naming_it(tmp_path):
     path.write_bytes(b"\x00\xff" * 100)
     with pytest.raises(UserError, match="learner.safetensors"):
         load_learner(path)
+
+
+def test_learner_trajectory_script_follows_the_ema_model_from_its_start(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from dpt_fast.stages import run_stages
+
+    run_stages(load_config("digits", ["num_threads=1"]), tmp_path / "run", [1], progress=False)  # SimCLR + UMAP
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "scripts" / "learner_trajectory.py"), "smoke", "--config", "digits",
+                        "--stage1-from", str(tmp_path / "run" / "stage1"), "--seeds", "0", "--every", "2",
+                        "--out", str(tmp_path / "traj"), "--quiet", "stage1.method=freematch",
+                        "learner.init=simclr_umap", "learner.iterations=4", "num_threads=1"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (row,) = [json.loads(line) for line in (tmp_path / "traj" / "results.jsonl").read_text().splitlines()]
+    assert [k for k, _ in row["trajectory"]] == [2, 4]
+    assert row["trajectory"][-1][1] == row["final_test_top1"]  # the returned model is the EMA model
+    assert 0.3 < row["start_test_top1"] <= 1  # the SimCLR-UMAP start is far above chance (0.1)

@@ -113,14 +113,15 @@ def train_learner(
     device: torch.device | str = "cpu",
     progress: bool = True,
     desc: str = "learner",
-    on_iter: Callable[[int], None] | None = None,
+    on_iter: Callable[[int, nn.Module], None] | None = None,
     init: dict[str, torch.Tensor] | None = None,
 ) -> tuple[nn.Module, dict]:
     """Train for `lcfg.iterations` in total, resuming from the newest checkpoint in `ckpt_dir`.
 
     Returns (the EMA model in eval mode on `device`, a summary: iterations, seconds, last losses and mask rate).
     `fingerprint` names everything the weights depend on but the iteration count; a checkpoint with another one
-    is refused (UserError). `on_iter(k)` is called after iteration k (tests use it to simulate a kill).
+    is refused (UserError). `on_iter(k, ema)` is called after iteration k with the EMA model (tests use it to
+    simulate a kill; scripts/learner_trajectory.py follows the EMA model's test top-1 with it).
     `init`: a state dict to start from (missing entries keep their random start), e.g. a SimCLR encoder's.
     """
     if method not in METHODS:
@@ -222,7 +223,7 @@ def train_learner(
         if done % lcfg.ckpt_every == 0 or done == lcfg.iterations:
             save(done)
         if on_iter is not None:
-            on_iter(done)
+            on_iter(done, ema)
     bar.close()
     seconds = time.perf_counter() - t0
     ema.eval()
