@@ -5,7 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,18 +26,13 @@ def test_tune_stage2_reports_loss_label_spread_cas_and_fid_at_each_milestone():
 @pytest.mark.slow
 def test_sweep_sampler_scores_every_variant_on_the_same_trained_model(tmp_path):
     from dpt_fast.config import load_config
-    from dpt_fast.data import load_dataset
-    from dpt_fast.stages import fingerprint, run_stages
+    from dpt_fast.stages import run_stages
     from dpt_fast.stages.rundir import RunDir
-    from dpt_fast.utils import save_npz, write_json
 
     cfg = load_config("digits", ["model.embed_dim=32", "model.depth=2", "train.steps=4", "sample.steps=3",
-                                 "gen.k_per_class=2", "eval.cas_steps=0"])
+                                 "gen.k_per_class=2", "eval.cas_steps=0", "stage1.method=pca_logreg"])
     rd = RunDir(tmp_path / "run")
-    y = load_dataset(cfg.data).y_train
-    save_npz(rd.pseudo_labels, index=np.arange(len(y)), label=y, prob=np.ones(len(y), np.float32))
-    write_json(rd.metrics(1), {"fingerprint": fingerprint(cfg, 1)})
-    run_stages(cfg, rd.root, [2], progress=False)
+    run_stages(cfg, rd.root, [1, 2], progress=False)  # stage 1 in a second: PCA + logistic regression
 
     out = tmp_path / "sweep"
     variants = ["base", "o1 sample.order=1 +clip=static", "last1 +final_first_order=true", "cfg +interval=0.5,1"]
