@@ -97,6 +97,32 @@ def test_two_process_ddp_matches_one_process_and_rank0_writes_checkpoints(tmp_pa
     torch.testing.assert_close(torch.tensor(ddp["loss"]), torch.tensor(single.history["loss"]), rtol=1e-4, atol=1e-5)
 
 
+def _learner_stage3_worker(rank, world, port, out_dir):
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    setup_distributed(torch.device("cpu"))
+    import dpt_fast.stages.learner as learner
+    from dpt_fast.stages import stage3
+    from dpt_fast.stages.rundir import RunDir
+
+    def train_again(cfg, rd, progress=True):  # stands in for the learner's stage 3: which ranks run it?
+        (out_dir / f"trained-on-rank{rank}").write_text("")
+        return {"top1": 0.5, "method": cfg.stage1.method}
+
+    learner.run_stage3 = train_again
+    res = stage3.run(load_config("digits", ["stage1.method=freematch"]), RunDir(out_dir / "run"), progress=False)
+    (out_dir / f"metrics-rank{rank}.json").write_text(json.dumps(res))
+    dist.destroy_process_group()
+
+
+def test_the_learners_stage3_runs_on_rank0_only_and_every_rank_gets_its_metrics(tmp_path):
+    mp.spawn(_learner_stage3_worker, args=(2, _free_port(), tmp_path), nprocs=2, join=True)
+    assert sorted(p.name for p in tmp_path.glob("trained-on-*")) == ["trained-on-rank0"]  # no two ranks write
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"metrics-rank{rank}.json").read_text()) == {"top1": 0.5, "method": "freematch"}
+
+
 # ----------------------------------------------------------------------------------------------
 # A failure on one rank ends every rank (dpt_fast.distributed.report_failure + the watcher), as the CLI does it
 # ----------------------------------------------------------------------------------------------

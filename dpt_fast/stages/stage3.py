@@ -102,10 +102,10 @@ def _in_memory_inputs(cfg: Config, rd: RunDir, space, labelled: np.ndarray, prog
 
 def run(cfg: Config, rd: RunDir, progress: bool = True) -> dict:
     """Fit the stage-3 classifier, save stage3/head.safetensors, return the metrics."""
-    if cfg.stage1.method in LEARNER_METHODS:  # the learner is trained again, with the generated images
+    if cfg.stage1.method in LEARNER_METHODS:  # the learner is trained again, with the generated images (rank 0)
         from .learner import run_stage3
 
-        return run_stage3(cfg, rd, progress)
+        return run_on_rank0(run_stage3, cfg, rd, progress)
     t0, c0 = time.time(), time.process_time()
     if rank_world()[1] > 1:
         space = load_space(rd.stage(1), resolve_device(cfg.device))
