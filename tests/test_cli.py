@@ -1,4 +1,4 @@
-"""The CLI contract of DESIGN.md: errors are one line with exit code 2, config resolution, run directory."""
+"""The CLI contract (README, "What the stages do"): errors are one line with exit code 2, config resolution, run directory."""
 import subprocess
 import sys
 

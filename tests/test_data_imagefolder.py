@@ -44,7 +44,7 @@ def _jpeg_bytes(arr, **kw):
 
 
 def make_folder(root):
-    """Every bad case of issue 5 plus every odd-but-valid format, spread over 5 class folders (one empty).
+    """Every bad case docs/REAL_DATA.md lists plus every odd-but-valid format, spread over 5 class folders (one empty).
 
     Returns {relative file: expected state} with 'ok' or the start of the skip reason.
     """

@@ -1,5 +1,5 @@
 """Official-checkpoint import: a separate, minimal re-implementation of the official U-ViT forward (written
-from the paper / DESIGN.md, module names as in the official libs/uvit.py, explicit per-head math attention)
+from the paper / docs/PAPER.md, module names as in the official libs/uvit.py, explicit per-head math attention)
 saves a random state dict as nnet.pth; `load_official_uvit` must reproduce its fp32 CPU forward to 1e-5."""
 import math
 import os

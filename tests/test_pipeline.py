@@ -1,5 +1,5 @@
 """The README's main job, `python -m dpt_fast.stage --stage all`, as a user runs it (a subprocess), on the digits
-preset: every file of DESIGN.md's run-directory contract, and a kill in the middle of stage 2 that the next
+preset: every file of the README's run-directory contract, and a kill in the middle of stage 2 that the next
 run resumes from its last checkpoint instead of starting over."""
 import json
 import os
@@ -44,7 +44,7 @@ def test_stage_all_writes_the_run_directory_contract_and_resumes_after_a_kill(tm
     r = subprocess.run(_cmd(run), env=_env(), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
 
-    # DESIGN.md's run directory contract
+    # the README's run directory contract
     for name in ("config.yaml", "split.json", "samples.png", "report.json", "report.md", "stage1/metrics.json",
                  "stage1/pseudo_labels.npz", "stage2/metrics.json", "stage3/metrics.json"):
         assert (run / name).is_file(), name

@@ -104,7 +104,7 @@ def latents_run(prepared, weights, tmp_path_factory):
 
 
 def _assert_contract(run, n_train: int, n_test: int, num_classes: int, gen_shape: tuple, k: int = 2) -> dict:
-    """Every run-directory file of DESIGN.md, with sane shapes and values; returns the three stages' metrics."""
+    """Every run-directory file of the README's contract, with sane shapes and values; returns the three stages' metrics."""
     from dpt_fast.sampling import load_generated
 
     for f in ("config.yaml", "split.json", "report.json", "report.md", "samples.png"):

@@ -346,7 +346,7 @@ UVIT_PRESETS.update({
     "uvit_digits": {**_DEFAULTS, "img_size": 8, "patch_size": 2, "in_chans": 1, "embed_dim": 64, "depth": 4,
                     "num_heads": 2},
 })
-# The paper's names for the two ImageNet-256 latent models of DESIGN.md's table.
+# The paper's names for its two ImageNet-256 latent models (U-ViT-L/2 and U-ViT-H/2; docs/PAPER.md).
 UVIT_ALIASES: dict[str, str] = {"U-ViT-L/2": "uvit_l2_latent256", "U-ViT-H/2": "uvit_h2_latent256"}
 
 # ModelConfig fields that override a preset when set (0 / None / "" = keep the preset's value).

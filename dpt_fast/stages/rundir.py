@@ -1,4 +1,4 @@
-"""The run directory contract (DESIGN.md): where each stage reads and writes, what proves a stage finished,
+"""The run directory contract (README, "The run directory"): where each stage reads and writes, what proves a stage finished,
 and the lock that keeps two processes out of one run directory.
 
     runs/<name>/
