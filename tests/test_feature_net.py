@@ -7,9 +7,9 @@ import torch
 
 from dpt_fast.config import DataConfig
 from dpt_fast.data import load_dataset
-from dpt_fast.eval.feature_nets import accuracy, load_feature_net, predict, sha256_file, shipped_feature_net
+from dpt_fast.eval.feature_nets import accuracy, load_feature_net, predict, shipped_feature_net
 from dpt_fast.models.feature_net import FeatureNet
-from dpt_fast.utils import UserError
+from dpt_fast.utils import UserError, file_sha256
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,7 +34,7 @@ def test_shipped_feature_net_matches_its_json_and_recorded_test_accuracy(data):
     path = shipped_feature_net(data)
     meta = json.loads(path.with_suffix(".json").read_text())
     assert path.stat().st_size < 1_000_000
-    assert sha256_file(path) == meta["sha256"]
+    assert file_sha256(path) == meta["sha256"]
     net = load_feature_net(path)
     ds = load_dataset(DataConfig(name=data))
     assert net.img_size == ds.x_train.shape[-1] and net.in_chans == ds.x_train.shape[1]
@@ -49,7 +49,7 @@ def test_train_script_runs_and_is_reproducible(tmp_path):
     assert script.main([*args, "--out", str(tmp_path / "a.safetensors")]) == 0
     assert script.main([*args, "--out", str(tmp_path / "b.safetensors")]) == 0
     meta = json.loads((tmp_path / "a.json").read_text())
-    assert meta["sha256"] == sha256_file(tmp_path / "a.safetensors") == sha256_file(tmp_path / "b.safetensors")
+    assert meta["sha256"] == file_sha256(tmp_path / "a.safetensors") == file_sha256(tmp_path / "b.safetensors")
     assert meta["arch"]["widths"] == [4, 8] and meta["command"].startswith("python scripts/train_feature_net.py --data digits")
     net = load_feature_net(tmp_path / "a.safetensors")
     f, logits = predict(net, torch.zeros(5, 1, 8, 8, dtype=torch.uint8))

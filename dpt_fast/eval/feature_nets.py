@@ -10,7 +10,6 @@ the train split. The architecture is stored in the safetensors header as well, s
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..models.feature_net import FeatureNet
-from ..utils import UserError, atomic_path, log
+from ..utils import UserError, file_sha256, log, save_safetensors
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 SHIPPED = ("mnist5k", "digits")
@@ -36,14 +35,6 @@ def shipped_feature_net(data_name: str) -> Path:
             f"Inception weights file (.pth) or to one trained with scripts/train_feature_net.py (.safetensors)"
         )
     return ASSETS / f"{data_name}_feature_net.safetensors"
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -63,12 +54,8 @@ def arch_kwargs(net: FeatureNet) -> dict:
 
 def save_feature_net(net: FeatureNet, path: str | os.PathLike) -> str:
     """Write the weights (+ architecture in the header) atomically; return the file's sha256."""
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata={"arch": json.dumps(arch_kwargs(net), sort_keys=True)})
-    return sha256_file(path)
+    save_safetensors(path, net.state_dict(), {"arch": json.dumps(arch_kwargs(net), sort_keys=True)})
+    return file_sha256(path)
 
 
 def load_feature_net(path: str | os.PathLike, device: str | torch.device = "cpu") -> FeatureNet:

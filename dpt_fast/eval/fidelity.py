@@ -21,9 +21,9 @@ from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-from ..utils import UserError, log, resolve_device
+from ..utils import UserError, file_sha256, log, resolve_device
 from .accuracy import per_class_accuracy, top1
-from .feature_nets import SHIPPED, load_feature_net, predict, sha256_file, shipped_feature_net, uint8_to_input
+from .feature_nets import SHIPPED, load_feature_net, predict, shipped_feature_net, uint8_to_input
 
 EXTRACTOR = "dpt-feature-net"
 FEATURES = "features"  # the penultimate embedding (feature_dim wide): FID, precision/recall
@@ -205,7 +205,7 @@ def generation_metrics(
         "num_generated": n,
         "num_real": len(real),
         "feature_net": f"shipped:{data_name}" if not feature_net else str(path),
-        "feature_net_sha256": sha256_file(path),
+        "feature_net_sha256": file_sha256(path),
         "eval_seconds": time.time() - t0,
     }
 
@@ -247,4 +247,4 @@ def class_agreement(gen_images_uint8, gen_labels, data_name: str, feature_net: s
                 "eval_seconds": time.time() - t0}
     return {**out, **_cas(load_feature_net(path, resolve_device(device)), gen, labels),
             "feature_net": f"shipped:{data_name}" if not feature_net else str(path),
-            "feature_net_sha256": sha256_file(path), "eval_seconds": time.time() - t0}
+            "feature_net_sha256": file_sha256(path), "eval_seconds": time.time() - t0}

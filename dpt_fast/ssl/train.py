@@ -32,14 +32,13 @@ from typing import Callable
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..diffusion.checkpoint import latest_checkpoint, load_checkpoint, read_meta, save_checkpoint
 from ..diffusion.train import param_groups, step_seed, update_ema
 from ..models.wrn import build_net
-from ..utils import REBUILD, UserError, atomic_path, load_safetensors, log, safetensors_metadata
+from ..utils import REBUILD, UserError, load_safetensors, log, safetensors_metadata, save_safetensors
 from . import METHODS
 from .augment import strong_view, weak_view
 from .losses import (ThresholdState, consistency_loss, fairness_loss, fixmatch_mask, freematch_mask, supervised_loss,
@@ -247,9 +246,7 @@ def predict(model: nn.Module, images: np.ndarray | torch.Tensor, norm: Norm, bat
 
 def save_learner(path: str | Path, model: nn.Module, meta: dict) -> None:
     """The classifier's weights (safetensors) with what rebuilds it in the metadata (JSON)."""
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp),
-                  metadata={"meta": json.dumps(meta, sort_keys=True)})
+    save_safetensors(path, model.state_dict(), {"meta": json.dumps(meta, sort_keys=True)})
 
 
 def read_learner_meta(path: str | Path, fix: str = REBUILD) -> dict:
