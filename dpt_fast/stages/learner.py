@@ -35,6 +35,7 @@ from ..models.wrn import build_net
 from ..ssl.train import LearnerData, Norm, load_learner, net_meta, predict, read_learner_meta, save_learner, train_learner
 from ..utils import UserError, log, read_json, resolve_device, save_npz
 from .rundir import RunDir
+from .stage3 import comparison_metrics
 
 
 def learner_fingerprint(cfg: Config, labelled: np.ndarray, y_lab: np.ndarray, extra: str = "") -> str:
@@ -211,24 +212,11 @@ def run_stage3(cfg: Config, rd: RunDir, progress: bool = True) -> dict:
     hit3 = predict(model3, ds.x_test, norm, bs, device).argmax(1) == ds.y_test
     hit1 = predict(model1.to(device), ds.x_test, norm, bs, device).argmax(1) == ds.y_test
     agree = predict(model1, gen_x, norm, bs, device).argmax(1) == gen_y
-    top1, stage1_top1 = float(hit3.mean()), float(hit1.mean())
-    if m1.get("test_top1") is not None and abs(stage1_top1 - float(m1["test_top1"])) > 1e-6:
-        log.warning("stage 3: stage 1's learner scores %.4f on the test split now, %.4f when stage 1 ran",
-                    stage1_top1, m1["test_top1"])
-    per_class = [ds.y_test == k for k in range(num_classes)]
     return {
         "method": cfg.stage1.method,
-        "top1": top1,
-        "stage1_top1": stage1_top1,
-        "gain": top1 - stage1_top1,
-        "top1_per_class": [float(hit3[m].mean()) if m.any() else 0.0 for m in per_class],
-        "stage1_top1_per_class": [float(hit1[m].mean()) if m.any() else 0.0 for m in per_class],
+        **comparison_metrics(hit1, hit3, ds.y_test, agree, gen_y, num_classes, m1),
         "labelled": int(len(labelled)),
-        "generated": int(len(gen_y)),
         "generated_used": int(len(gen_y)),
-        "generated_stage1_agreement": float(agree.mean()) if len(agree) else 0.0,
-        "generated_stage1_agreement_per_class": [
-            float(agree[gen_y == k].mean()) if (gen_y == k).any() else 0.0 for k in range(num_classes)],
         "iterations": cfg.learner.iterations,
         "train": summary,
         "seconds": time.time() - t0,

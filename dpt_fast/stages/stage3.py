@@ -147,26 +147,36 @@ def _run(cfg: Config, rd: RunDir, progress: bool, t0: float, c0: float) -> dict:
 
     hit3 = head.label_prob(x_test, device=device)[0] == y_test
     hit1 = head1.label_prob(x_test, device=device)[0] == y_test
-    top1, stage1_top1 = float(hit3.mean()), float(hit1.mean())
-    per_class = [y_test == k for k in range(num_classes)]
-    if m1.get("test_top1") is not None and abs(stage1_top1 - float(m1["test_top1"])) > 1e-6:
-        log.warning("stage 3: stage 1's classifier scores %.4f on the test split now, %.4f when stage 1 ran",
-                    stage1_top1, m1["test_top1"])
     return {
         "method": m1.get("method"),
         **fit_info,
+        **comparison_metrics(hit1, hit3, y_test, agree, gen_y, num_classes, m1),
+        "labelled": int(len(labelled)),
+        "generated_used": int(keep.sum()),
+        "logreg_c": c,
+        "seconds": time.time() - t0,
+        "cpu_seconds": time.process_time() - c0,
+    }
+
+
+def comparison_metrics(hit1: np.ndarray, hit3: np.ndarray, y_test: np.ndarray, agree: np.ndarray,
+                       gen_y: np.ndarray, num_classes: int, m1: dict) -> dict:
+    """Stage 3 against stage 1 (both learners' stage 3 report it): top-1 on the test split of each (`hit1`,
+    `hit3`: bool [N_test], the classifier's hits), overall and per class, and how often stage 1's classifier
+    agrees with the class each generated image was made for (`agree`: bool [N_gen])."""
+    top1, stage1_top1 = float(hit3.mean()), float(hit1.mean())
+    if m1.get("test_top1") is not None and abs(stage1_top1 - float(m1["test_top1"])) > 1e-6:
+        log.warning("stage 3: stage 1's classifier scores %.4f on the test split now, %.4f when stage 1 ran",
+                    stage1_top1, m1["test_top1"])
+    per_class = [y_test == k for k in range(num_classes)]
+    return {
         "top1": top1,
         "stage1_top1": stage1_top1,
         "gain": top1 - stage1_top1,
         "top1_per_class": [float(hit3[m].mean()) if m.any() else 0.0 for m in per_class],
         "stage1_top1_per_class": [float(hit1[m].mean()) if m.any() else 0.0 for m in per_class],
-        "labelled": int(len(labelled)),
         "generated": int(len(gen_y)),
-        "generated_used": int(keep.sum()),
         "generated_stage1_agreement": float(agree.mean()) if len(agree) else 0.0,
         "generated_stage1_agreement_per_class": [
             float(agree[gen_y == k].mean()) if (gen_y == k).any() else 0.0 for k in range(num_classes)],
-        "logreg_c": c,
-        "seconds": time.time() - t0,
-        "cpu_seconds": time.process_time() - c0,
     }
