@@ -50,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*")
     args = p.parse_intermixed_args(argv)
     setup_logging(args.quiet)
+    missing = [f for f in SPACE_FILES if not (Path(args.stage1_from) / f).is_file()]
+    if missing:
+        print(f"error: --stage1-from {args.stage1_from} lacks {', '.join(missing)}: name the stage1/ folder of a "
+              "finished run of the same config (python -m dpt_fast.stage --stage 1)", file=sys.stderr)
+        return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for s in args.seeds:
@@ -71,8 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             rd = RunDir(tmp)
             rd.stage(1).mkdir(parents=True)
             for f in SPACE_FILES:
-                if (Path(args.stage1_from) / f).is_file():
-                    shutil.copy(Path(args.stage1_from) / f, rd.stage(1) / f)
+                shutil.copy(Path(args.stage1_from) / f, rd.stage(1) / f)
             init, _ = learner._start(cfg, rd, ds, data, None, norm, not args.quiet, torch.device("cpu"))
             start = build_net(cfg.learner.net, int(x.shape[1]), ds.num_classes, cfg.learner.width,
                               cfg.learner.bn_momentum)

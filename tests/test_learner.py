@@ -265,3 +265,7 @@ def test_learner_trajectory_script_follows_the_ema_model_from_its_start(tmp_path
     assert [k for k, _ in row["trajectory"]] == [2, 4]
     assert row["trajectory"][-1][1] == row["final_test_top1"]  # the returned model is the EMA model
     assert 0.3 < row["start_test_top1"] <= 1  # the SimCLR-UMAP start is far above chance (0.1)
+    r = subprocess.run([sys.executable, str(root / "scripts" / "learner_trajectory.py"), "x", "--config", "digits",
+                        "--stage1-from", str(tmp_path / "nowhere"), "--out", str(tmp_path / "traj")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "nowhere" in r.stderr  # one line, no SimCLR run
