@@ -1,5 +1,4 @@
 """DPM-Solver: equal to the published algorithm, to diffusers, and converging at each order's rate."""
-import math
 
 import numpy as np
 import pytest
@@ -453,7 +452,7 @@ def _dpt_pp_fast(model_fn, ns, x, steps, eps):
     else:
         orders = [3, ] * (K - 1) + [2]
     timesteps = torch.linspace(1.0, eps, steps + 1, dtype=torch.float64)
-    la, sg, lam, inv = ns.marginal_log_mean_coeff, ns.marginal_std, ns.marginal_lambda, ns.inverse_lambda
+    sg, lam, inv = ns.marginal_std, ns.marginal_lambda, ns.inverse_lambda
     al = ns.marginal_alpha
 
     def x0_fn(v, t):  # DPM_Solver.model_fn with predict_x0

@@ -29,7 +29,7 @@ from typing import Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..utils import (REBUILD, UserError, atomic_path, load_npz, load_safetensors, read_json, safetensors_metadata,
                      save_npz, write_json)
