@@ -86,7 +86,7 @@ AFFECTS: dict[str, set[str]] = {
     "train.log_every": S2,
     "train.compile": S2,  # torch.compile: the same weights up to rounding
     **{f"train.{k}": S2 | WEIGHTS for k in ("batch_size", "lr", "weight_decay", "weight_decay_on", "betas",
-                                             "warmup_steps", "warmup_from_zero", "ema_decay", "ema_warmup",
+                                             "warmup_steps", "warmup_from_zero", "lr_decay", "ema_decay", "ema_warmup",
                                              "p_uncond", "grad_clip", "t_min", "precision")},
     **{f"sample.{k}": S2 | GEN for k in ("steps", "order", "method", "algorithm", "skip_type", "cfg_scale", "t_end")},
     "sample.precision": S2 | GEN,  # (flipped fp32 -> bf16: 'auto' resolves per device)
@@ -211,3 +211,12 @@ def test_flipping_a_key_invalidates_exactly_the_caches_that_read_it(key, typ, ro
     before, after = _caches(base, tmp_path), _caches(cfg, tmp_path)
     changed = {name for name in before if before[name] != after[name]}
     assert changed == expected, f"flipping {key} invalidates {sorted(changed)}, the table says {sorted(expected)}"
+
+
+def test_under_a_cosine_lr_decay_train_steps_changes_the_weights(tmp_path):
+    """The cosine ends at train.steps, so every step's weights depend on it: more steps train again instead of
+    continuing (with the constant LR they continue the same run, as the table says)."""
+    base = load_config("digits", ["train.lr_decay=cosine"])
+    longer = load_config("digits", ["train.lr_decay=cosine", f"train.steps={base.train.steps + 1}"])
+    before, after = _caches(base, tmp_path), _caches(longer, tmp_path)
+    assert {name for name in before if before[name] != after[name]} == S2 | WEIGHTS

@@ -74,6 +74,15 @@ def test_lr_warms_up_linearly_then_stays_constant():
     assert lrs[4:] == pytest.approx([1e-3] * 4)
 
 
+def test_cosine_lr_decay_follows_the_formula_after_the_warm_up():
+    lrs = [lr_at(s, 1e-3, 4, decay="cosine", total_steps=12) for s in range(13)]
+    assert lrs[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])  # the warm-up is unchanged
+    assert lrs[4:] == pytest.approx([1e-3 * 0.5 * (1 + math.cos(math.pi * k / 8)) for k in range(9)])
+    assert lrs[8] == pytest.approx(5e-4) and lrs[12] == pytest.approx(0.0, abs=1e-18)
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+    assert [lr_at(s, 1e-3, 4, decay="none", total_steps=12) for s in range(13)] == [lr_at(s, 1e-3, 4) for s in range(13)]
+
+
 def test_no_weight_decay_on_pos_embed_biases_and_norms():
     cfg = _digits_cfg()
     model = _model(cfg)

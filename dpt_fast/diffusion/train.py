@@ -35,6 +35,7 @@ at the end do they wait for the final write, in a barrier with a 2-hour timeout 
 from __future__ import annotations
 
 import copy
+import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -147,13 +148,16 @@ def draw_step(step: int, seed: int, batch_size: int, sample_shape: tuple[int, ..
     return StepDraws(t, drop, noise)
 
 
-def lr_at(step: int, lr: float, warmup_steps: int, from_zero: bool = False) -> float:
-    """Linear warm-up over `warmup_steps`, then constant. `step` counts from 0. from_zero: lr * min(1, step / W)
-    (official U-ViT/DPT `customized_lr_scheduler`, a LambdaLR: the first step has LR 0); else
-    lr * min(1, (step + 1) / W)."""
-    if warmup_steps <= 0:
-        return lr
-    return lr * min(1.0, (step + (0 if from_zero else 1)) / warmup_steps)
+def lr_at(step: int, lr: float, warmup_steps: int, from_zero: bool = False, decay: str = "none",
+          total_steps: int = 0) -> float:
+    """Linear warm-up over `warmup_steps`, then constant (decay 'none') or a cosine from `lr` down to 0 at
+    `total_steps` (decay 'cosine'). `step` counts from 0. from_zero: lr * min(1, step / W) (official U-ViT/DPT
+    `customized_lr_scheduler`, a LambdaLR: the first step has LR 0); else lr * min(1, (step + 1) / W)."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return lr * min(1.0, (step + (0 if from_zero else 1)) / warmup_steps)
+    if decay == "cosine" and total_steps > warmup_steps:
+        return lr * 0.5 * (1.0 + math.cos(math.pi * (step - warmup_steps) / (total_steps - warmup_steps)))
+    return lr
 
 
 def ema_decay_at(step: int, decay: float, warmup: bool = True) -> float:
@@ -312,7 +316,7 @@ def train_diffusion(
     t0 = time.perf_counter()
     try:
         for step in range(start, tcfg.steps):
-            lr = lr_at(step, tcfg.lr, tcfg.warmup_steps, tcfg.warmup_from_zero)
+            lr = lr_at(step, tcfg.lr, tcfg.warmup_steps, tcfg.warmup_from_zero, tcfg.lr_decay, tcfg.steps)
             for g in optimizer.param_groups:
                 g["lr"] = lr
 

@@ -76,7 +76,9 @@ def sample_kwargs(s: SampleConfig) -> dict:
 def train_fingerprint(cfg: Config, labels: torch.Tensor) -> str:
     """What the weights at a given step depend on: data, labels, model, diffusion and train settings, seed."""
     d = cfg.to_dict()
-    train = {k: v for k, v in d["train"].items() if k not in _RESUMABLE_KEYS}
+    # A cosine LR decay ends at train.steps: then every step's weights depend on it.
+    resumable = _RESUMABLE_KEYS if d["train"]["lr_decay"] == "none" else tuple(k for k in _RESUMABLE_KEYS if k != "steps")
+    train = {k: v for k, v in d["train"].items() if k not in resumable}
     data = {k: v for k, v in d["data"].items() if k not in _NOT_TRAINED_ON}
     model = {k: v for k, v in d["model"].items() if k not in _NOT_WEIGHTS}
     sub = {"seed": d["seed"], "data": data, "model": model, "diffusion": d["diffusion"], "train": train,
