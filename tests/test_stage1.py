@@ -191,7 +191,7 @@ def test_mnist5k_preset_is_the_tuned_cpu_recipe_and_the_dataclass_defaults_uvits
     from dpt_fast.models.uvit import uvit_kwargs
 
     cfg = load_config("mnist5k")
-    assert (cfg.diffusion.prediction, cfg.train.lr, tuple(cfg.train.betas), cfg.sample.cfg_scale) == ("v", 1e-3, (0.9, 0.99), 3.0)
+    assert (cfg.diffusion.prediction, cfg.train.lr, tuple(cfg.train.betas), cfg.sample.cfg_scale) == ("v", 2e-3, (0.9, 0.99), 3.0)
     default = Config()
     assert load_config("base").to_dict() == {**default.to_dict(), "name": "base"}
     assert (default.diffusion.prediction, default.train.lr, tuple(default.train.betas), default.sample.cfg_scale) == ("eps", 2e-4, (0.99, 0.99), 0.4)
