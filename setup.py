@@ -12,7 +12,8 @@ The toolkit: $CUDA_HOME (or $CUDA_PATH), else the one PyPI's wheels install into
 visible GPUs', else (no GPU) sm_80 and sm_90, plus sm_100 when this nvcc knows it, with PTX of the newest
 for later GPUs.
 
-The top-level `kernels/` folder (Triton kernels) is installed as the subpackage `dpt_fast.kernels`.
+The top-level `kernels/` folder (Triton kernels) is the subpackage `dpt_fast.kernels` through the tracked
+link dpt_fast/kernels -> ../kernels (a plain import from a checkout, a wheel or an editable install).
 """
 import glob
 import os
@@ -126,8 +127,7 @@ setup(
     version="0.1.0",
     description="Fast Dual Pseudo Training (DPT): semi-supervised learners and diffusion models with few labels",
     python_requires=">=3.10",
-    packages=find_packages(include=["dpt_fast", "dpt_fast.*"]) + ["dpt_fast.kernels"],
-    package_dir={"dpt_fast.kernels": "kernels"},
+    packages=find_packages(include=["dpt_fast", "dpt_fast.*"]),  # dpt_fast.kernels: the tracked link to kernels/
     package_data={"dpt_fast": ["assets/*.safetensors", "assets/*.json"]},
     ext_modules=_extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -20,7 +20,7 @@ Writes into OUT_DIR: <part>.log for each part, the pytest JSON / JUnit files, pr
 summary.md (printed at the end). On a machine without CUDA and without --dry-run it writes a summary saying so
 and exits 0. Exit code 1 when a part failed or timed out.
 
-What it needs: the repository (a fresh copy is fine: the `dpt_fast/kernels` link is made by gpu_check.sh), a
+What it needs: the repository (a fresh copy is fine), a
 Python with torch (CUDA build), numpy, triton, safetensors, tqdm, pyyaml, pytest, pytest-benchmark, Pillow and
 (for the DALI parts) nvidia-dali-cuda130 -- the preflight lists what is missing. The C++/CUDA extension:
 dpt_fast/_C*.so built with DPT_FAST_BUILD_CUDA=1 (carry it), else gpu_check.sh builds it for this GPU when nvcc is

@@ -5,13 +5,11 @@
 #   bench/gpu_check.sh OUT_DIR              # on the GPU machine
 #   bench/gpu_check.sh --dry-run OUT_DIR    # the same entry points at tiny sizes on the CPU (a rehearsal)
 #
-# Works from a fresh copy of the repository: Python is $PYTHON, else .venv/bin/python, else python3; the
-# git-ignored link dpt_fast/kernels -> ../kernels is made when missing; with a GPU and no CUDA kernel in
-# dpt_fast/_C*.so, the extension is built for this GPU (if nvcc is found; at most 150 s).
+# Works from a fresh copy of the repository: Python is $PYTHON, else .venv/bin/python, else python3; with a
+# GPU and no CUDA kernel in dpt_fast/_C*.so, the extension is built for this GPU (if nvcc is found; at most 150 s).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
-[ -e dpt_fast/kernels ] || ln -s ../kernels dpt_fast/kernels
 if [[ "${1:-}" != "--dry-run" ]] && "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null \
   && ! "$PY" -c "import sys; from dpt_fast.ops.dpm_solver_update import cpp_available; sys.exit(not cpp_available('cuda'))" 2>/dev/null; then
   arch=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
